@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Creates .venv and installs torch-elmo with everything the tests and tasks need.
+# torch is pinned first so pip never resolves a CUDA build (2.13.0 comes from local disk here).
+set -euo pipefail
+cd "$(dirname "$0")"
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install -q torch==2.13.0 2>&1 | grep -v "is ignored" || true
+.venv/bin/python -m pip install -q -e '.[test]' 2>&1 | grep -v "is ignored" || true
+.venv/bin/python -c "import torch_elmo, torch, h5py, sklearn, seqeval, torchcrf, tqdm"

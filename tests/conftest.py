@@ -1,0 +1,33 @@
+"""Shared test helpers: locating ../shared, tiny models."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("ELMO_SHARED", REPO.parent / "shared"))
+FIXTURES = SHARED / "fixtures" / "bilm-tf"
+
+
+def shared_path(*parts: str) -> Path:
+    """A path under ../shared; skips the test when it is absent, fails under ELMO_REQUIRE_SHARED=1."""
+    p = SHARED.joinpath(*parts)
+    if not p.exists():
+        msg = f"{p} not found: these tests need ../shared beside the checkout"
+        if os.environ.get("ELMO_REQUIRE_SHARED") == "1":
+            pytest.fail(msg + " (ELMO_REQUIRE_SHARED=1)")
+        pytest.skip(msg)
+    return p
+
+
+@pytest.fixture
+def fixture_model_dir() -> Path:
+    return shared_path("fixtures", "bilm-tf", "model")
+
+
+@pytest.fixture
+def tiny_model():
+    from torch_elmo import BiLM, preset
+    torch.manual_seed(1234)
+    return BiLM(preset("tiny")).eval()

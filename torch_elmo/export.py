@@ -1,0 +1,131 @@
+"""Export: the bilm-tf weight file (spec section 10) and options.json, in both directions.
+
+This is the only module that knows the HDF5 dataset names, the TF kernel layouts (x @ W, conv
+kernels (1, w, D, n)) and the TF LSTM gate order i, j, f, o. Everything else in torch_elmo sees
+PyTorch layout (model.py). The forget bias is not stored (TF adds it at run time; so do we).
+
+    load_bilm(options_file, weight_file) -> BiLM        read released / bilm-tf / our files
+    save_weights(model, path)                          write the dump_weights layout (atomic)
+    export_model(model, out_dir)                       options.json (inference form) + weights.hdf5
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+import h5py
+import numpy as np
+import torch
+
+from .config import ElmoError, read_options, write_options
+from .model import BiLM
+
+# TF LSTMCell column blocks are (i, j, f, o); ours are (i, f, j, o). The permutation is its own
+# inverse, so the same index converts both ways.
+_GATE_PERM = (0, 2, 1, 3)
+
+
+def _cell_prefix(d: int, l: int, n_layers: int) -> str:
+    # With one layer TF has no MultiRNNCell level (allennlp cannot load that; we can).
+    if n_layers == 1:
+        return f"RNN_{d}/RNN/LSTMCell"
+    return f"RNN_{d}/RNN/MultiRNNCell/Cell{l}/LSTMCell"
+
+
+def _swap_gates(a: np.ndarray, axis: int) -> np.ndarray:
+    blocks = np.split(a, 4, axis=axis)
+    return np.concatenate([blocks[k] for k in _GATE_PERM], axis=axis)
+
+
+def _tf_arrays(model: BiLM) -> Iterator[tuple[str, np.ndarray, torch.Tensor, callable]]:
+    """(dataset name, TF-layout array of the current value, target parameter, tf->torch fn)."""
+    def np_(t: torch.Tensor) -> np.ndarray:
+        return t.detach().cpu().float().numpy()
+
+    cnn = model.char_cnn
+    yield "char_embed", np_(cnn.char_embed), cnn.char_embed, lambda a: a
+    for i, conv in enumerate(cnn.convs):
+        # torch Conv1d (n, D, w) <-> TF conv2d kernel (1, w, D, n)
+        yield (f"CNN/W_cnn_{i}", np_(conv.weight).transpose(2, 1, 0)[None], conv.weight,
+               lambda a: a[0].transpose(2, 1, 0))
+        yield f"CNN/b_cnn_{i}", np_(conv.bias), conv.bias, lambda a: a
+    for k, hw in enumerate(cnn.highways):
+        for name, lin in (("carry", hw.carry), ("transform", hw.transform)):
+            yield f"CNN_high_{k}/W_{name}", np_(lin.weight).T, lin.weight, lambda a: a.T
+            yield f"CNN_high_{k}/b_{name}", np_(lin.bias), lin.bias, lambda a: a
+    if cnn.projection is not None:
+        yield "CNN_proj/W_proj", np_(cnn.projection.weight).T, cnn.projection.weight, lambda a: a.T
+        yield "CNN_proj/b_proj", np_(cnn.projection.bias), cnn.projection.bias, lambda a: a
+    for d, layers in enumerate(model.directions):
+        for l, cell in enumerate(layers):
+            prefix = _cell_prefix(d, l, model.n_layers)
+            n_in = cell.input_weight.shape[1]
+            # W_0 (in + P, 4H): rows [x; h_prev], columns gates i, j, f, o
+            w0 = np.concatenate([np_(cell.input_weight), np_(cell.state_weight)], axis=1).T
+            yield f"{prefix}/W_0", _swap_gates(w0, axis=1), cell.input_weight, \
+                lambda a, n=n_in: _swap_gates(a, axis=1).T[:, :n]
+            yield f"{prefix}/W_0", _swap_gates(w0, axis=1), cell.state_weight, \
+                lambda a, n=n_in: _swap_gates(a, axis=1).T[:, n:]
+            yield f"{prefix}/B", _swap_gates(np_(cell.bias), axis=0), cell.bias, \
+                lambda a: _swap_gates(a, axis=0)
+            yield f"{prefix}/W_P_0", np_(cell.proj_weight).T, cell.proj_weight, lambda a: a.T
+
+
+def load_weights(model: BiLM, weight_file: str | os.PathLike) -> BiLM:
+    """Fill `model` from a bilm-tf weights.hdf5. Errors name the file, the dataset and both
+    shapes; a truncated or non-HDF5 file gives one line, not an h5py trace."""
+    path = os.fspath(weight_file)
+    try:
+        f = h5py.File(path, "r")
+    except FileNotFoundError:
+        raise ElmoError(f"{path}: weight file not found") from None
+    except OSError as e:
+        raise ElmoError(f"{path}: cannot read as HDF5 (truncated or not an HDF5 file): {e}") from None
+    with f, torch.no_grad():
+        for name, expected, param, to_torch in _tf_arrays(model):
+            if name not in f:
+                raise ElmoError(f"{path}: missing dataset '{name}' (the options expect it)")
+            ds = f[name]
+            if not isinstance(ds, h5py.Dataset):
+                raise ElmoError(f"{path}: '{name}' is a group, expected a dataset")
+            if tuple(ds.shape) != expected.shape:
+                raise ElmoError(f"{path}: dataset '{name}' has shape {tuple(ds.shape)} but the "
+                                f"options imply {expected.shape}")
+            try:
+                value = np.asarray(ds[...], dtype=np.float32)
+            except (OSError, RuntimeError, KeyError) as e:
+                raise ElmoError(f"{path}: cannot read dataset '{name}' (truncated file?): {e}") from None
+            param.copy_(torch.from_numpy(np.ascontiguousarray(to_torch(value))))
+    return model
+
+
+def save_weights(model: BiLM, weight_file: str | os.PathLike) -> None:
+    """Write the dump_weights layout: float32 datasets, no softmax, no optimizer slots.
+    Written to a temp file and renamed, so an interrupted save never leaves a half file."""
+    path = os.fspath(weight_file)
+    tmp = path + ".tmp"
+    written = set()
+    with h5py.File(tmp, "w") as f:
+        for name, value, _, _ in _tf_arrays(model):
+            if name not in written:  # W_0 is yielded once per torch parameter it feeds
+                f.create_dataset(name, data=value.astype(np.float32))
+                written.add(name)
+    os.replace(tmp, path)
+
+
+def load_bilm(options_file: str | os.PathLike, weight_file: str | os.PathLike) -> BiLM:
+    options = read_options(options_file)
+    model = BiLM(options)
+    load_weights(model, weight_file)
+    return model.eval()
+
+
+def export_model(model: BiLM, out_dir: str | os.PathLike) -> tuple[str, str]:
+    """out_dir/options.json (inference form, n_characters 262) + out_dir/weights.hdf5."""
+    os.makedirs(out_dir, exist_ok=True)
+    options_file = os.path.join(out_dir, "options.json")
+    weight_file = os.path.join(out_dir, "weights.hdf5")
+    save_weights(model, weight_file)
+    write_options(model.options, options_file, inference=True)
+    return options_file, weight_file
+
