@@ -89,29 +89,44 @@ def _embed_parser(p: argparse.ArgumentParser) -> Callable:
 
 
 def _classify_parser(p: argparse.ArgumentParser) -> Callable:
-    p.add_argument("--model", default=None)
-    p.add_argument("--train", required=True)
-    p.add_argument("--test", required=True)
-    p.add_argument("--dev", default=None)
-    p.add_argument("--format", default="auto", help="tsv | emotion | sst | trec | auto")
+    p.add_argument("--model", default=None,
+                   help="model dir (options.json + weights.hdf5); not needed for --features tfidf")
+    p.add_argument("--train", required=True, help="training file")
+    p.add_argument("--test", required=True, help="test file")
+    p.add_argument("--dev", default=None, help="dev file: choose C (logreg) / alpha (mlp) on it")
+    p.add_argument("--format", choices=["auto", "tsv", "emotion", "sst", "trec"], default="auto",
+                   help="tsv: text<TAB>label; emotion: text;label (dair-ai); sst: SST-2 tsv or "
+                        "SentEval 'label sentence'; trec: 'COARSE:fine question' (coarse "
+                        "labels); auto: guessed from the first line (default)")
     p.add_argument("--classifier", choices=["logreg", "mlp"], default="logreg")
-    p.add_argument("--features", choices=["elmo", "layer0", "tfidf"], default="elmo")
-    p.add_argument("--predictions", default=None, help="write predictions to this TSV")
-    p.add_argument("--max-train", type=int, default=None)
+    p.add_argument("--features", choices=["elmo", "layer0", "tfidf"], default="elmo",
+                   help="elmo: tokens' mean of the 3 layers, mean-pooled; layer0: context-free "
+                        "char-CNN vector, mean-pooled; tfidf: bag-of-ngrams baseline")
+    p.add_argument("--predictions", default=None, help="write text, gold, predicted to this TSV")
+    p.add_argument("--max-train", type=int, default=None, help="random subsample of train")
+    p.add_argument("--max-test", type=int, default=None, help="random subsample of test")
+    p.add_argument("--batch-size", type=int, default=64, help="sentences per biLM batch")
+    p.add_argument("--device", default=None, help="cpu (default), cuda")
     p.add_argument("--seed", type=int, default=0)
     from . import tasks
     return tasks.cli_classify
 
 
 def _ner_parser(p: argparse.ArgumentParser) -> Callable:
-    p.add_argument("--model", default=None)
-    p.add_argument("--train", required=True)
-    p.add_argument("--dev", required=True)
-    p.add_argument("--test", required=True)
-    p.add_argument("--no-elmo", action="store_true")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--patience", type=int, default=3)
-    p.add_argument("--max-train", type=int, default=None)
+    p.add_argument("--model", default=None, help="model dir (options.json + weights.hdf5)")
+    p.add_argument("--train", required=True, help="CoNLL-2003 file (eng.train)")
+    p.add_argument("--dev", required=True, help="CoNLL-2003 file for early stopping (eng.testa)")
+    p.add_argument("--test", required=True, help="CoNLL-2003 file to score (eng.testb)")
+    p.add_argument("--no-elmo", action="store_true", help="the same tagger without ELMo")
+    p.add_argument("--epochs", type=int, default=10, help="at most this many epochs")
+    p.add_argument("--patience", type=int, default=3, help="epochs without dev F1 gain")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--hidden", type=int, default=100, help="BiLSTM units per direction")
+    p.add_argument("--max-train", type=int, default=None, help="random subsample of train sentences")
+    p.add_argument("--max-eval", type=int, default=None,
+                   help="random subsample of dev and test sentences (quick runs only)")
+    p.add_argument("--predictions", default=None, help="write test with gold + predicted columns")
     p.add_argument("--seed", type=int, default=0)
     from . import tasks
     return tasks.cli_ner
