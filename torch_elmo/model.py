@@ -12,23 +12,186 @@ forget bias: +1.0 is added at run time, as TF's LSTMCell does (section 4).
 The LSTM state is explicit: `c` (n_dirs, n_layers, B, H) and `h` (n_dirs, n_layers, B, P)
 go in and come out of every call. `RowStateBuffer` keeps them between calls keyed by batch row,
 which is what bilm-tf and allennlp do at inference (section 6).
+
+How it is made fast (issue 6; the plain step-by-step reference lives in tests/reference.py and
+the fast path is tested against it to 1e-5):
+
+* Packed time-major layout (`_Packing`, like a PackedSequence): rows sorted by length
+  (descending, stable); step t holds only the n_t rows still running, contiguously, so finished
+  rows drop out of the step matmul and no per-step mask is needed. The backward direction is the
+  same layout with each row's positions taken in reverse (an index, no reversing copies).
+* Input-to-gate matmul hoisted out of the time loop: one matmul over all valid positions.
+* Inference (`BiLM.forward` without autograd): both directions advanced together step by step,
+  gate non-linearities and the cell update in place, the recurrent and projection matmuls with
+  oneDNN weights prepacked once (`_Linear`); on this CPU that beats MKL's skinny sgemm and a
+  batched (2, n, P) x (2, P, 4H) bmm by about 2x (benchmarks/speed.py prints the numbers).
+* Training (`run_direction` with autograd): one autograd node per layer (`_LSTMPFunction`) with
+  a hand-written backward through time; the weight gradients are one large matmul each over all
+  steps instead of one small one per step.
+* Char CNN: computed once per distinct token of the call (padding and repeats gathered back,
+  their gradients summed), and only over the convolution windows that touch a real character:
+  the windows lying entirely in the within-word padding all give the same value, computed once.
+  Exact: max over all windows is unchanged.
+* bf16: under `torch.autocast("cpu", dtype=torch.bfloat16)` the inference path runs its matmuls
+  in bf16 (cell state and outputs kept in fp32). fp32 stays the default and the exact path.
 """
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .chars import PAD_CHAR
 from .config import Options
 
 FORGET_BIAS = 1.0
+PAD_ID = PAD_CHAR + 1  # the within-word padding character, in model ids (+1 offset)
 
 
+# ============================================================================ matmul backend
+def _probe_onednn() -> bool:
+    """oneDNN inner product with prepacked weights (torch.ops.mkldnn, private but stable since
+    torch 2.0). Checked once against addmm; any failure falls back to torch.mm / F.linear."""
+    if os.environ.get("TORCH_ELMO_NO_ONEDNN") == "1":
+        return False
+    try:
+        if not torch.backends.mkldnn.is_available():
+            return False
+        lp = torch.ops.mkldnn._linear_pointwise
+        g = torch.Generator().manual_seed(0)
+        x, w, b = (torch.randn(*s, generator=g) for s in ((3, 8), (5, 8), (5,)))
+        a = torch.randn(3, 5, generator=g)
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, 3)
+        want = torch.addmm(b, x, w.t())
+        ok = torch.allclose(lp(x, packed, b, "none", [], ""), want, atol=1e-5)
+        ok = ok and torch.allclose(lp.binary(x, a, packed, b, "add"), want + a, atol=1e-5)
+        ok = ok and torch.allclose(lp(x, w, None, "hardtanh", [-1.0, 1.0], ""),
+                                   (x @ w.t()).clamp(-1, 1), atol=1e-5)
+        return bool(ok)
+    except Exception:  # noqa: BLE001 - any failure just means: use the portable path
+        return False
+
+
+_ONEDNN = _probe_onednn()
+
+
+def _onednn_ok(t: torch.Tensor) -> bool:
+    return _ONEDNN and t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16)
+
+
+class _Linear:
+    """y = x @ weight.T (+ bias) (+ add), optionally clamped to [-clip, clip]; weight (out, in).
+
+    On CPU the weight is handed to oneDNN once (prepacked when `pack`), which is what the time
+    loop wants: the same weight times a few rows, every step. Elsewhere: F.linear / addmm.
+    Used without autograd (inside no_grad or inside an autograd.Function)."""
+
+    __slots__ = ("weight", "w", "onednn")
+
+    def __init__(self, weight: torch.Tensor, pack: bool = True, batch_hint: int = 64):
+        self.weight = weight
+        self.onednn = _onednn_ok(weight)
+        self.w = weight
+        if self.onednn:
+            w = weight.detach().contiguous()
+            self.w = torch.ops.mkldnn._reorder_linear_weight(w, batch_hint) if pack else w
+
+    def __call__(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                 add: Optional[torch.Tensor] = None, clip: Optional[float] = None) -> torch.Tensor:
+        if self.onednn and x.dtype == self.weight.dtype and x.device.type == "cpu":
+            lp = torch.ops.mkldnn._linear_pointwise
+            if add is not None:
+                y = lp.binary(x, add.contiguous(), self.w, bias, "add")
+                return y.clamp_(-clip, clip) if clip is not None else y
+            if clip is not None:
+                return lp(x, self.w, bias, "hardtanh", [-clip, clip], "")
+            return lp(x, self.w, bias, "none", [], "")
+        if add is not None:
+            y = torch.addmm(add if bias is None else add + bias, x, self.weight.t())
+        else:
+            y = F.linear(x, self.weight, bias)
+        return y.clamp_(-clip, clip) if clip is not None else y
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b for the large one-shot matmuls of the backward pass (oneDNN on CPU)."""
+    if _onednn_ok(a) and a.dtype == b.dtype and a.shape[0] > 0 and a.shape[1] > 0:
+        return torch.ops.mkldnn._linear_pointwise(a.contiguous(), b.t(), None, "none", [], "")
+    return a @ b
+
+
+class _LinearFunction(torch.autograd.Function):
+    """F.linear with its three matmuls done by oneDNN on CPU (MKL's sgemm is far from this
+    machine's peak on the char CNN's shapes). Same math as F.linear."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _Linear(weight, pack=False)(x, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = _mm(dy, weight)
+        if ctx.needs_input_grad[1]:
+            dw = _mm(dy.t(), x)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = dy.sum(0)
+        return dx, dw, db
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """Differentiable linear on 2-D x; oneDNN on CPU fp32 under autograd, F.linear otherwise."""
+    if (torch.is_grad_enabled() and _onednn_ok(x) and x.dtype == weight.dtype == torch.float32
+            and x.dim() == 2 and not torch.is_autocast_enabled("cpu")):
+        return _LinearFunction.apply(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+class _PackCache:
+    """Prepacked / derived weights for inference, rebuilt when a source parameter changes
+    (in-place updates bump `_version`; `.to()` / re-assignment change the storage). Weights
+    edited through `.data` bypass the version counter: call `BiLM.clear_fast_cache()` then."""
+
+    def __init__(self):
+        self.entries: dict = {}
+
+    def get(self, name, sources: tuple, build):
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in sources)
+        hit = self.entries.get(name)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        value = build()
+        self.entries[name] = (key, value)
+        return value
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+
+def _inference_dtype(device: torch.device) -> torch.dtype:
+    """bf16 under CPU autocast with bf16 (GPU: autocast's dtype), else fp32."""
+    if device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        if torch.get_autocast_dtype("cpu") == torch.bfloat16:
+            return torch.bfloat16
+    if device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+        return torch.get_autocast_dtype("cuda")
+    return torch.float32
+
+
+# ============================================================================ char CNN
 class CharCNN(nn.Module):
     """Context-independent token encoder: char embedding -> CNN -> max-pool -> highway -> proj."""
+
+    # distinct tokens encoded per chunk (keeps the conv outputs in cache)
+    CHUNK = 256
 
     def __init__(self, options: Options):
         super().__init__()
@@ -41,6 +204,7 @@ class CharCNN(nn.Module):
         self.highways = nn.ModuleList(_Highway(n_filters) for _ in range(cnn.n_highway))
         self.projection = nn.Linear(n_filters, P) if n_filters != P else None
         self.output_dim = P if self.projection is not None else n_filters
+        self._cache = _PackCache()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -59,19 +223,92 @@ class CharCNN(nn.Module):
             nn.init.normal_(self.projection.weight, 0.0, math.sqrt(1.0 / self.projection.in_features))
             nn.init.zeros_(self.projection.bias)
 
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_cache"] = _PackCache()  # prepacked oneDNN tensors neither pickle nor deepcopy
+        return state
+
     def forward(self, char_ids: torch.Tensor) -> torch.Tensor:
-        B, T, C = char_ids.shape
-        table = torch.cat([self.char_embed.new_zeros(1, self.char_embed.shape[1]), self.char_embed])
-        x = F.embedding(char_ids.reshape(B * T, C), table)        # (B*T, C, D)
-        x = x.transpose(1, 2)                                      # (B*T, D, C) for Conv1d
-        act = torch.relu if self.activation == "relu" else torch.tanh
-        # conv + bias -> max over ALL char positions (pads included) -> activation (section 3)
-        x = torch.cat([act(conv(x).amax(dim=2)) for conv in self.convs], dim=1)  # (B*T, F)
-        for hw in self.highways:
-            x = hw(x)
+        """char ids (..., C) -> token representations (..., P). Each distinct token (padding
+        included) is encoded once and gathered back; gradients of repeats are summed."""
+        lead, C = char_ids.shape[:-1], char_ids.shape[-1]
+        flat = char_ids.reshape(-1, C)
+        if flat.shape[0] == 0:
+            return self.char_embed.new_zeros(*lead, self.output_dim)
+        uniq, inverse = torch.unique(flat, dim=0, return_inverse=True)
+        rep = self.encode(uniq)
+        return rep.index_select(0, inverse.reshape(-1)).reshape(*lead, -1)
+
+    def encode(self, ids: torch.Tensor) -> torch.Tensor:
+        """(U, C) char ids -> (U, P), no deduplication."""
+        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        dtype = torch.float32 if needs_grad else _inference_dtype(ids.device)
+        fast = not needs_grad and _onednn_ok(self.char_embed)
+        x = self._conv_features(ids, fast, dtype)                 # (U, F)
+        for k, hw in enumerate(self.highways):
+            x = hw.fused(x, self._cache, k, dtype) if fast else hw(x)
         if self.projection is not None:
-            x = self.projection(x)                                 # (B*T, P)
-        return x.reshape(B, T, -1)                                 # (B, T, P)
+            if fast:
+                lin = self._cache.get(("proj", dtype), (self.projection.weight,),
+                                      lambda: _Linear(self.projection.weight.detach().to(dtype)))
+                bias = self.projection.bias.detach().to(dtype)
+                x = lin(x.to(dtype), bias)
+            else:
+                x = _linear(x, self.projection.weight, self.projection.bias)
+        return x.float()
+
+    def _conv_features(self, ids: torch.Tensor, fast: bool, dtype: torch.dtype) -> torch.Tensor:
+        """conv + bias -> max over ALL char positions (pads included) -> activation (section 3).
+
+        Only windows touching a real character are computed: with L = 1 + the last position
+        whose id is not the within-word pad, every window starting at s >= L sees pad chars
+        only and has one common value `pad_value`, computed once. Tokens are sorted by L and
+        encoded in chunks, each over the windows s < max L of its chunk."""
+        U, C = ids.shape
+        table = torch.cat([self.char_embed.new_zeros(1, self.char_embed.shape[1]), self.char_embed])
+        act = torch.relu if self.activation == "relu" else torch.tanh
+        positions = torch.arange(1, C + 1, device=ids.device)
+        L = ((ids != PAD_ID) * positions).amax(dim=1)              # (U,)
+        L_sorted, order = torch.sort(L, stable=True)
+        ids = ids.index_select(0, order)
+        L_host = L_sorted.tolist()
+        widths = [conv.kernel_size[0] for conv in self.convs]
+        weights = []
+        for i, conv in enumerate(self.convs):
+            w = conv.weight                                        # (n, D, w) -> (n, D * w)
+            if fast:
+                lin = self._cache.get(("conv", i, dtype), (conv.weight,), lambda w=w: _Linear(
+                    w.detach().reshape(w.shape[0], -1).to(dtype), pack=True, batch_hint=1024))
+                weights.append((lin, conv.bias.detach().to(dtype)))
+            else:
+                weights.append((w.reshape(w.shape[0], -1), conv.bias))
+        if fast:
+            table = table.detach().to(dtype)
+        # the value of an all-pad window, per bank
+        pad_window = table[PAD_ID].unsqueeze(1)                    # (D, 1)
+        pad_values = []
+        for (w_, b_), width in zip(weights, widths):
+            win = pad_window.expand(-1, width).reshape(1, -1)       # (1, D * w), layout (D, w)
+            pad_values.append(w_(win, b_) if fast else _linear(win, w_, b_))
+        chunks = []
+        for s in range(0, U, self.CHUNK):
+            e = min(s + self.CHUNK, U)
+            Lmax = max(L_host[e - 1], 1)
+            span = min(C, Lmax + max(widths) - 1)
+            emb = F.embedding(ids[s:e, :span], table)              # (k, span, D)
+            feats = []
+            for (w_, b_), width, pad_value in zip(weights, widths, pad_values):
+                S = min(Lmax, C - width + 1)                       # windows s = 0 .. S-1
+                win = emb[:, :S + width - 1].unfold(1, width, 1)   # (k, S, D, w)
+                win = win.reshape(-1, win.shape[2] * width)
+                y = w_(win, b_) if fast else _linear(win, w_, b_)
+                y = y.reshape(e - s, S, -1).amax(dim=1)            # (k, n)
+                if S < C - width + 1:                              # the all-pad windows
+                    y = torch.maximum(y, pad_value)
+                feats.append(act(y))
+            chunks.append(torch.cat(feats, dim=1))
+        x = torch.cat(chunks, dim=0)
+        return torch.zeros_like(x).index_copy(0, order, x)        # back to the input order
 
 
 class _Highway(nn.Module):
@@ -91,10 +328,25 @@ class _Highway(nn.Module):
         nn.init.zeros_(self.transform.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        t = torch.sigmoid(self.carry(x))
-        return t * torch.relu(self.transform(x)) + (1.0 - t) * x
+        t = torch.sigmoid(_linear(x, self.carry.weight, self.carry.bias))
+        return t * torch.relu(_linear(x, self.transform.weight, self.transform.bias)) + (1.0 - t) * x
+
+    def fused(self, x: torch.Tensor, cache: _PackCache, k: int, dtype: torch.dtype) -> torch.Tensor:
+        """Inference: carry and transform as ONE (2F, F) prepacked matmul."""
+        src = (self.carry.weight, self.transform.weight, self.carry.bias, self.transform.bias)
+
+        def build():
+            w = torch.cat([self.transform.weight, self.carry.weight]).detach().to(dtype)
+            b = torch.cat([self.transform.bias, self.carry.bias]).detach().to(dtype)
+            return _Linear(w, batch_hint=1024), b
+        lin, b = cache.get(("highway", k, dtype), src, build)
+        y = lin(x.to(dtype), b)
+        n = x.shape[1]
+        t = torch.sigmoid(y[:, n:])
+        return t * torch.relu(y[:, :n]) + (1.0 - t) * x
 
 
+# ============================================================================ LSTM
 class LSTMP(nn.Module):
     """TF LSTMCell(num_units=H, num_proj=P, cell_clip, proj_clip), no peepholes (section 4).
 
@@ -110,6 +362,7 @@ class LSTMP(nn.Module):
         self.state_weight = nn.Parameter(torch.empty(4 * hidden_dim, proj_dim))
         self.bias = nn.Parameter(torch.empty(4 * hidden_dim))
         self.proj_weight = nn.Parameter(torch.empty(proj_dim, hidden_dim))
+        self._cache = _PackCache()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -122,6 +375,11 @@ class LSTMP(nn.Module):
         limit = math.sqrt(6.0 / (self.hidden_dim + self.proj_dim))
         nn.init.uniform_(self.proj_weight, -limit, limit)
 
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_cache"] = _PackCache()
+        return state
+
     def run_bias(self) -> torch.Tensor:
         """The bias used at run time: stored bias + forget bias on the f block."""
         H = self.hidden_dim
@@ -131,28 +389,259 @@ class LSTMP(nn.Module):
         """x (B, T, in), valid (B, T) bool prefix mask, c (B, H), h (B, P).
 
         Returns outputs (B, T, P) (zeros where not valid) and the state after each row's last
-        valid step. The input-to-gate matmul is hoisted out of the time loop."""
+        valid step (rows with no valid step keep their state)."""
+        B, T, _ = x.shape
+        lengths = _prefix_lengths(valid)
+        if lengths is None:
+            return self.forward_masked(x, valid, c, h)
+        pk = _Packing(lengths, T)
+        xp = x.reshape(B * T, -1).index_select(0, pk.fwd_index)
+        y, c_s, h_s = self.run_packed(xp, pk, c.index_select(0, pk.order), h.index_select(0, pk.order))
+        inv = pk.inverse_order
+        return pk.unpack(y, pk.fwd_index), c_s.index_select(0, inv), h_s.index_select(0, inv)
+
+    def run_packed(self, xp: torch.Tensor, pk: "_Packing", c0: torch.Tensor, h0: torch.Tensor):
+        """Packed input (N, in), sorted initial state (B, H), (B, P) -> packed outputs (N, P) and
+        the sorted final state. Autograd through time when needed, else the in-place loop."""
+        needs_grad = torch.is_grad_enabled() and (
+            xp.requires_grad or c0.requires_grad or h0.requires_grad
+            or any(p.requires_grad for p in self.parameters()))
+        if needs_grad:
+            return _LSTMPFunction.apply(xp, c0, h0, self.input_weight, self.state_weight, self.bias,
+                                        self.proj_weight, pk, self.cell_clip, self.proj_clip)
+        with torch.no_grad():
+            dtype = _inference_dtype(xp.device)
+            (y,), (c,), (h,) = _infer_layer([self], [xp], pk, [c0], [h0], dtype)
+        return y, c, h
+
+    def packed_weights(self, dtype: torch.dtype):
+        """(input _Linear, run bias, state _Linear, projection _Linear) for inference, cached."""
+        src = (self.input_weight, self.state_weight, self.bias, self.proj_weight)
+
+        def build():
+            return (_Linear(self.input_weight.detach().to(dtype), batch_hint=1024),
+                    self.run_bias().detach().to(dtype),
+                    _Linear(self.state_weight.detach().to(dtype)),
+                    _Linear(self.proj_weight.detach().to(dtype)))
+        return self._cache.get(("lstm", dtype), src, build)
+
+    def forward_masked(self, x: torch.Tensor, valid: torch.Tensor, c: torch.Tensor,
+                       h: torch.Tensor):
+        """Any (B, T) mask, not only prefixes: a step where a row is not valid leaves its state
+        alone and outputs zeros. Plain autograd, one step at a time (slow, general)."""
         B, T, _ = x.shape
         gates_x = torch.addmm(self.run_bias(), x.reshape(B * T, -1), self.input_weight.t())
-        gates_x = gates_x.reshape(B, T, 4 * self.hidden_dim)      # (B, T, 4H)
+        gates_x = gates_x.reshape(B, T, 4 * self.hidden_dim)
         w_hh, w_p = self.state_weight.t(), self.proj_weight.t()
         outputs = []
         for t in range(T):
-            z = torch.addmm(gates_x[:, t], h, w_hh)               # (B, 4H)
+            z = torch.addmm(gates_x[:, t], h, w_hh)
             i, f, j, o = z.chunk(4, dim=1)
             c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(j)
             if self.cell_clip is not None:
                 c_new = c_new.clamp(-self.cell_clip, self.cell_clip)
-            h_new = (torch.sigmoid(o) * torch.tanh(c_new)) @ w_p  # (B, P)
+            h_new = (torch.sigmoid(o) * torch.tanh(c_new)) @ w_p
             if self.proj_clip is not None:
                 h_new = h_new.clamp(-self.proj_clip, self.proj_clip)
-            m = valid[:, t].unsqueeze(1)                           # (B, 1)
+            m = valid[:, t].unsqueeze(1)
             c = torch.where(m, c_new, c)
             h = torch.where(m, h_new, h)
             outputs.append(h_new * m)
         if not outputs:
             return x.new_zeros(B, 0, self.proj_dim), c, h
-        return torch.stack(outputs, dim=1), c, h                   # (B, T, P)
+        return torch.stack(outputs, dim=1), c, h
+
+
+def _prefix_lengths(valid: torch.Tensor) -> Optional[torch.Tensor]:
+    """Row lengths if `valid` (B, T) is a prefix mask, else None."""
+    lengths = valid.sum(dim=1)
+    T = valid.shape[1]
+    if bool(valid.all()):
+        return lengths
+    prefix = torch.arange(T, device=valid.device).unsqueeze(0) < lengths.unsqueeze(1)
+    return lengths if bool((prefix == valid).all()) else None
+
+
+class _Packing:
+    """Rows sorted by length (descending, stable) in a time-major packed layout: step t holds
+    sorted rows 0 .. n_t - 1 (those longer than t) at packed positions offsets[t] + r. The
+    backward direction uses the same layout with each row's positions reversed (bwd_index)."""
+
+    def __init__(self, lengths: torch.Tensor, T: int):
+        device = lengths.device
+        lens = lengths.detach().to("cpu", torch.long)
+        B = lens.numel()
+        sorted_len, order = torch.sort(lens, descending=True, stable=True)
+        self.B, self.T = B, T
+        max_len = int(sorted_len[0]) if B else 0
+        counts = torch.bincount(sorted_len, minlength=max_len + 1)
+        sizes = (B - torch.cumsum(counts, 0))[:max_len]            # n_t = rows longer than t
+        offsets = torch.cumsum(sizes, 0) - sizes
+        self.batch_sizes: list[int] = sizes.tolist()
+        self.offsets: list[int] = offsets.tolist()
+        self.N = int(sizes.sum())
+        self.full = max_len == T and bool((sorted_len == T).all())
+        self.identity = bool((order == torch.arange(B)).all())
+        step = torch.repeat_interleave(torch.arange(max_len), sizes)          # (N,)
+        rank = torch.arange(self.N) - offsets[step]                           # sorted row
+        row = order[rank]
+        self.order = order.to(device)
+        self.inverse_order = torch.argsort(order).to(device)
+        self.fwd_index = (row * T + step).to(device)
+        self.bwd_index = (row * T + sorted_len[rank] - 1 - step).to(device)
+        last = offsets[(sorted_len - 1).clamp(min=0)] + torch.arange(B) if max_len else \
+            torch.zeros(B, dtype=torch.long)
+        self.has_steps = (sorted_len > 0).to(device)                          # (B,) sorted
+        self.last_index = last.clamp(max=max(self.N - 1, 0)).to(device)       # (B,) sorted
+
+    def final(self, packed: torch.Tensor, initial: torch.Tensor) -> torch.Tensor:
+        """Per sorted row: the packed value at its last step, or `initial` if it has none."""
+        if self.N == 0:
+            return initial.clone()
+        last = packed.index_select(0, self.last_index)
+        return torch.where(self.has_steps.unsqueeze(1), last, initial)
+
+    def unpack(self, y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Packed (N, P) -> (B, T, P) with zeros where not valid."""
+        if self.full and self.identity and index is self.fwd_index:
+            return y.reshape(self.T, self.B, y.shape[1]).transpose(0, 1)
+        out = y.new_zeros(self.B * self.T, y.shape[1])
+        return out.index_copy(0, index, y).reshape(self.B, self.T, -1)
+
+
+def _cell_update(z: torch.Tensor, c: torch.Tensor, cell_clip: Optional[float]) -> torch.Tensor:
+    """In place: z (n, 4H) pre-activations i, f, j, o -> activations; c (n, H) -> new c.
+    Returns m = o * tanh(c) (n, H), in the dtype of z."""
+    H = c.shape[1]
+    z[:, :2 * H].sigmoid_()
+    z[:, 2 * H:3 * H].tanh_()
+    z[:, 3 * H:].sigmoid_()
+    c.mul_(z[:, H:2 * H]).addcmul_(z[:, :H], z[:, 2 * H:3 * H])
+    if cell_clip is not None:
+        c.clamp_(-cell_clip, cell_clip)
+    m = torch.tanh(c)
+    m.mul_(z[:, 3 * H:])
+    return m if m.dtype == z.dtype else m.to(z.dtype)
+
+
+def _infer_layer(cells: list[LSTMP], xs: list[torch.Tensor], pk: _Packing,
+                 c0s: list[torch.Tensor], h0s: list[torch.Tensor], dtype: torch.dtype):
+    """One layer of one or more directions, advanced together step by step, no autograd.
+
+    xs[d] packed (N, in); c0s[d] (B, H), h0s[d] (B, P) sorted. Returns packed outputs (N, P) in
+    the activation dtype and the sorted final (c, h) in fp32. Cell state kept in fp32."""
+    D = len(cells)
+    lin = [cell.packed_weights(dtype) for cell in cells]
+    gx = [lin_ih(x.to(dtype), b) for x, (lin_ih, b, _, _) in zip(xs, lin)]   # hoisted (N, 4H)
+    ys = [x.new_empty(pk.N, cell.proj_dim, dtype=dtype) for x, cell in zip(xs, cells)]
+    cs = [c0.float().clone() for c0 in c0s]
+    h_prev = [h0.to(dtype) for h0 in h0s]
+    for n, o in zip(pk.batch_sizes, pk.offsets):
+        for d in range(D):
+            cell = cells[d]
+            _, _, lin_hh, lin_p = lin[d]
+            z = lin_hh(h_prev[d][:n], add=gx[d][o:o + n])
+            m = _cell_update(z, cs[d][:n], cell.cell_clip)
+            h = ys[d][o:o + n]
+            h.copy_(lin_p(m, clip=cell.proj_clip))
+            h_prev[d] = h
+    hs = [pk.final(y, h0.to(dtype)).float() for y, h0 in zip(ys, h0s)]
+    return ys, cs, hs
+
+
+class _LSTMPFunction(torch.autograd.Function):
+    """One LSTMP layer over a packed sequence, with backpropagation through time written out.
+
+    Saved per position: gate activations (4H), clipped c (H), tanh(c) (H), the output (P).
+    Per step the backward does two matmuls (through the projection and the recurrent weight);
+    the weight gradients are one matmul each over all positions."""
+
+    @staticmethod
+    def forward(ctx, x, c0, h0, w_ih, w_hh, bias, w_p, pk, cell_clip, proj_clip):
+        H, P = w_hh.shape[0] // 4, w_p.shape[0]
+        run_bias = torch.cat([bias[:H], bias[H:2 * H] + FORGET_BIAS, bias[2 * H:]])
+        gates = _Linear(w_ih, pack=False)(x, run_bias)             # (N, 4H), then activations
+        cs = x.new_empty(pk.N, H)
+        tcs = x.new_empty(pk.N, H)
+        y = x.new_empty(pk.N, P)
+        lin_hh, lin_p = _Linear(w_hh, batch_hint=pk.B), _Linear(w_p, batch_hint=pk.B)
+        prev = None
+        for n, o in zip(pk.batch_sizes, pk.offsets):
+            if prev is None:
+                h_prev, c_prev = h0[:n], c0[:n]
+            else:
+                h_prev, c_prev = y[prev:prev + n], cs[prev:prev + n]
+            g = gates[o:o + n]
+            z = lin_hh(h_prev, add=g)
+            torch.sigmoid(z[:, :2 * H], out=g[:, :2 * H])
+            torch.tanh(z[:, 2 * H:3 * H], out=g[:, 2 * H:3 * H])
+            torch.sigmoid(z[:, 3 * H:], out=g[:, 3 * H:])
+            c = cs[o:o + n]
+            torch.mul(g[:, H:2 * H], c_prev, out=c)
+            c.addcmul_(g[:, :H], g[:, 2 * H:3 * H])
+            if cell_clip is not None:
+                c.clamp_(-cell_clip, cell_clip)
+            tc = tcs[o:o + n]
+            torch.tanh(c, out=tc)
+            y[o:o + n] = lin_p(tc * g[:, 3 * H:], clip=proj_clip)
+            prev = o
+        c_fin, h_fin = pk.final(cs, c0), pk.final(y, h0)
+        ctx.save_for_backward(x, c0, h0, w_ih, w_hh, w_p, gates, cs, tcs, y)
+        ctx.pk, ctx.cell_clip, ctx.proj_clip = pk, cell_clip, proj_clip
+        return y, c_fin, h_fin
+
+    @staticmethod
+    def backward(ctx, d_y, d_c, d_h):
+        x, c0, h0, w_ih, w_hh, w_p, gates, cs, tcs, y = ctx.saved_tensors
+        pk, cell_clip, proj_clip = ctx.pk, ctx.cell_clip, ctx.proj_clip
+        H, P, B = w_hh.shape[0] // 4, w_p.shape[0], pk.B
+        d_y = d_y if d_y is not None else y.new_zeros(pk.N, P)
+        dh_state = d_h.clone() if d_h is not None else h0.new_zeros(B, P)
+        dc_state = d_c.clone() if d_c is not None else c0.new_zeros(B, H)
+        dZ = gates.new_empty(pk.N, 4 * H)
+        dY = y.new_empty(pk.N, P)                                   # grad wrt the clipped h
+        lin_p_t = _Linear(w_p.t(), batch_hint=B)                    # dh (n, P) -> dm (n, H)
+        lin_hh_t = _Linear(w_hh.t(), batch_hint=B)                  # dz (n, 4H) -> dh (n, P)
+        steps = list(zip(pk.batch_sizes, pk.offsets))
+        for t in range(len(steps) - 1, -1, -1):
+            n, o = steps[t]
+            dh = dY[o:o + n]
+            torch.add(d_y[o:o + n], dh_state[:n], out=dh)
+            if proj_clip is not None:
+                dh.mul_(y[o:o + n].abs() < proj_clip)
+            dm = lin_p_t(dh)                                        # (n, H)
+            g = gates[o:o + n]
+            i, f, j, og = g[:, :H], g[:, H:2 * H], g[:, 2 * H:3 * H], g[:, 3 * H:]
+            tc = tcs[o:o + n]
+            dz = dZ[o:o + n]
+            di, df, dj, do = dz[:, :H], dz[:, H:2 * H], dz[:, 2 * H:3 * H], dz[:, 3 * H:]
+            torch.mul(dm, tc, out=do)
+            do.mul_(og * (1.0 - og))
+            dc = dm.mul_(og).mul_(1.0 - tc * tc).add_(dc_state[:n])
+            if cell_clip is not None:
+                dc.mul_(cs[o:o + n].abs() < cell_clip)
+            c_prev = c0[:n] if t == 0 else cs[steps[t - 1][1]:steps[t - 1][1] + n]
+            torch.mul(dc, j, out=di)
+            di.mul_(i * (1.0 - i))
+            torch.mul(dc, c_prev, out=df)
+            df.mul_(f * (1.0 - f))
+            torch.mul(dc, i, out=dj)
+            dj.mul_(1.0 - j * j)
+            torch.mul(dc, f, out=dc_state[:n])
+            dh_state[:n] = lin_hh_t(dz)
+        need = ctx.needs_input_grad
+        d_x = _mm(dZ, w_ih) if need[0] else None
+        d_w_ih = _mm(dZ.t(), x) if need[3] else None
+        d_w_hh = None
+        if need[4]:
+            h_prev = torch.cat([h0[:pk.batch_sizes[0]]] + [
+                y[steps[t - 1][1]:steps[t - 1][1] + steps[t][0]] for t in range(1, len(steps))]) \
+                if steps else h0[:0]
+            d_w_hh = _mm(dZ.t(), h_prev)
+        d_bias = dZ.sum(0) if need[5] else None
+        d_w_p = _mm(dY.t(), gates[:, 3 * H:] * tcs) if need[6] else None
+        return (d_x, dc_state if need[1] else None, dh_state if need[2] else None,
+                d_w_ih, d_w_hh, d_bias, d_w_p, None, None, None)
 
 
 def reverse_index(lengths: torch.Tensor, T: int) -> torch.Tensor:
@@ -167,6 +656,7 @@ def _gather_time(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(1, index.unsqueeze(2).expand(-1, -1, x.shape[2]))
 
 
+# ============================================================================ biLM
 class BiLM(nn.Module):
     """Char CNN + forward and backward stacks of LSTMP layers (sections 3 to 5)."""
 
@@ -192,6 +682,13 @@ class BiLM(nn.Module):
     def directions(self) -> list[nn.ModuleList]:
         return [self.forward_layers] + ([self.backward_layers] if self.n_dirs == 2 else [])
 
+    def clear_fast_cache(self) -> None:
+        """Drop the prepacked inference weights (rebuilt on the next call). Only needed after
+        editing weights through `.data`; in-place updates and load_state_dict are detected."""
+        for m in self.modules():
+            if isinstance(getattr(m, "_cache", None), _PackCache):
+                m._cache.clear()
+
     def zero_state(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         p = self.char_cnn.char_embed
         c = p.new_zeros(self.n_dirs, self.n_layers, batch_size, self.hidden_dim)
@@ -204,33 +701,73 @@ class BiLM(nn.Module):
 
         c0 (n_layers, B, H), h0 (n_layers, B, P). Returns the per-layer outputs (each (B, T, P),
         residual included) and the final (c, h) stacked like c0, h0."""
+        B, T, _ = x.shape
+        lengths = _prefix_lengths(valid)
+        if lengths is None:
+            return self._run_direction_masked(d, x, valid, c0, h0)
+        pk = _Packing(lengths, T)
+        xp = x.reshape(B * T, -1).index_select(0, pk.fwd_index)   # packed (N, P)
+        c0s, h0s = c0.index_select(1, pk.order), h0.index_select(1, pk.order)
         outputs, cs, hs = [], [], []
         for l, layer in enumerate(self.directions[d]):
             if self.training and self.dropout > 0:
                 # fresh mask per position; the residual adds the DROPPED input (TF DropoutWrapper
                 # around ResidualWrapper(LSTMCell))
-                x = F.dropout(x, self.dropout, training=True)
-            y, c, h = layer(x, valid, c0[l], h0[l])
+                xp = F.dropout(xp, self.dropout, training=True)
+            y, c, h = layer.run_packed(xp, pk, c0s[l], h0s[l])
             if l > 0 and self.use_skip_connections:
-                y = y + x * valid.unsqueeze(2)  # added after proj clipping, not fed back
+                y = y + xp  # added after proj clipping, not fed back
+            outputs.append(pk.unpack(y, pk.fwd_index))
+            cs.append(c)
+            hs.append(h)
+            xp = y
+        inv = pk.inverse_order
+        return outputs, torch.stack(cs).index_select(1, inv), torch.stack(hs).index_select(1, inv)
+
+    def _run_direction_masked(self, d, x, valid, c0, h0):
+        outputs, cs, hs = [], [], []
+        for l, layer in enumerate(self.directions[d]):
+            if self.training and self.dropout > 0:
+                x = F.dropout(x, self.dropout, training=True)
+            y, c, h = layer.forward_masked(x, valid, c0[l], h0[l])
+            if l > 0 and self.use_skip_connections:
+                y = y + x * valid.unsqueeze(2)
             outputs.append(y)
             cs.append(c)
             hs.append(h)
             x = y
         return outputs, torch.stack(cs), torch.stack(hs)
 
-    def forward(self, char_ids: torch.Tensor, state: Optional[tuple] = None) -> dict:
+    def forward(self, char_ids: Optional[torch.Tensor] = None, state: Optional[tuple] = None,
+                token_embedding: Optional[torch.Tensor] = None,
+                mask: Optional[torch.Tensor] = None) -> dict:
         """Inference-style run: both directions read the same sentences (with boundaries).
 
-        char_ids (B, T, C) with 0 = padding token. Returns
-          token_embedding (B, T, P), layers: list of n_layers+1 tensors (B, T, 2P) with padding
-          positions zero, mask (B, T) bool, state: (c, h) after each row's last valid step."""
-        B, T, _ = char_ids.shape
-        mask = (char_ids > 0).any(dim=2)                           # (B, T)
+        char_ids (B, T, C) with 0 = padding token. Or, instead of char ids, a precomputed
+        `token_embedding` (B, T, P) with its `mask` (B, T) (default: all positions valid).
+        Returns token_embedding (B, T, P), layers: list of n_layers+1 tensors (B, T, 2P) with
+        padding positions zero, mask (B, T) bool, state: (c, h) after each row's last valid
+        step. Without autograd both directions run together (`_forward_fast`)."""
+        if token_embedding is None:
+            if char_ids is None:
+                raise ValueError("BiLM.forward needs char_ids or token_embedding")
+            mask = (char_ids > 0).any(dim=2)                       # (B, T)
+            token = self.char_cnn(char_ids)
+        else:
+            token = token_embedding
+            if mask is None:
+                mask = torch.ones(token.shape[:2], dtype=torch.bool, device=token.device)
+        B, T = mask.shape
         lengths = mask.sum(dim=1)                                  # (B,)
-        valid = torch.arange(T, device=mask.device).unsqueeze(0) < lengths.unsqueeze(1)
-        token = self.char_cnn(char_ids) * mask.unsqueeze(2)        # (B, T, P)
+        token = token * mask.unsqueeze(2).to(token.dtype)          # (B, T, P)
         c0, h0 = state if state is not None else self.zero_state(B)
+        needs_grad = torch.is_grad_enabled() and (
+            token.requires_grad or any(p.requires_grad for p in self.parameters()))
+        if not needs_grad:
+            layers, cs, hs = self._forward_fast(token, lengths, c0, h0)
+            return {"token_embedding": token, "layers": [torch.cat([token] * self.n_dirs, dim=2)]
+                    + layers, "mask": mask, "state": (cs, hs)}
+        valid = torch.arange(T, device=mask.device).unsqueeze(0) < lengths.unsqueeze(1)
         fwd, c_f, h_f = self.run_direction(0, token, valid, c0[0], h0[0])
         per_dir = [fwd]
         cs, hs = [c_f], [h_f]
@@ -245,6 +782,39 @@ class BiLM(nn.Module):
             layers.append(torch.cat([outs[l] for outs in per_dir], dim=2))
         return {"token_embedding": token, "layers": layers, "mask": mask,
                 "state": (torch.stack(cs), torch.stack(hs))}
+
+    @torch.no_grad()
+    def _forward_fast(self, token: torch.Tensor, lengths: torch.Tensor, c0: torch.Tensor,
+                      h0: torch.Tensor):
+        """Both directions together, packed, in place. Returns the n_layers ELMo layers
+        (B, T, n_dirs * P) and the final state (c, h) (n_dirs, n_layers, B, .)."""
+        B, T, P = token.shape
+        dtype = _inference_dtype(token.device)
+        pk = _Packing(lengths, T)
+        flat = token.reshape(B * T, P)
+        indices = [pk.fwd_index, pk.bwd_index][: self.n_dirs]
+        xs = [flat.index_select(0, idx) for idx in indices]        # packed, backward reversed
+        c0s, h0s = c0.index_select(2, pk.order), h0.index_select(2, pk.order)
+        layers, cs, hs = [], [], []
+        for l in range(self.n_layers):
+            cells = [stack[l] for stack in self.directions]
+            ys, c, h = _infer_layer(cells, xs, pk, [c0s[d, l] for d in range(self.n_dirs)],
+                                    [h0s[d, l] for d in range(self.n_dirs)], dtype)
+            if l > 0 and self.use_skip_connections:
+                ys = [y.float() + x for y, x in zip(ys, xs)]
+            else:
+                ys = [y.float() for y in ys]
+            out = token.new_zeros(B * T, self.n_dirs * P)
+            for d, (y, idx) in enumerate(zip(ys, indices)):
+                out[:, d * P:(d + 1) * P].index_copy_(0, idx, y)
+            layers.append(out.reshape(B, T, self.n_dirs * P))
+            cs.append(torch.stack(c))
+            hs.append(torch.stack(h))
+            xs = ys
+        inv = pk.inverse_order
+        c = torch.stack(cs, dim=1).index_select(2, inv)            # (n_dirs, n_layers, B, H)
+        h = torch.stack(hs, dim=1).index_select(2, inv)
+        return layers, c, h
 
 
 class RowStateBuffer:

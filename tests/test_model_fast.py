@@ -1,0 +1,250 @@
+"""The fast paths of model.py (packed, fused directions, oneDNN, hand-written BPTT, deduplicated
+and window-trimmed char CNN) against the plain step-by-step reference in tests/reference.py:
+equal within 1e-5 in fp32, for inference and for training gradients."""
+import copy
+import pickle
+import random
+
+import pytest
+import torch
+
+from reference import (reference_char_cnn, reference_forward, reference_lstm,
+                       reference_run_direction)
+from torch_elmo import BiLM, batch_to_ids, preset
+from torch_elmo.model import CharCNN
+
+ATOL = 1e-5
+
+
+def _words(n, seed):
+    rng = random.Random(seed)
+    vocab = ["the", "a", ",", ".", "plane", "x", "flies", "<S>", "</S>", "é" * 30, "z" * 60,
+             "ab" * 24, "q" * 47, "Z" * 48]
+    vocab += ["".join(rng.choice("abcdefghij") for _ in range(rng.randint(1, 12))) for _ in range(20)]
+    return [rng.choice(vocab) for _ in range(n)]
+
+
+SENTENCE_LENGTHS = [0, 1, 5, 12, 12, 3, 9, 2]
+
+
+def _batch(seed=0, lengths=SENTENCE_LENGTHS):
+    return [_words(n, seed * 100 + i) for i, n in enumerate(lengths)]
+
+
+def _model(skip=True, n_layers=2, cell_clip=3.0, proj_clip=3.0, n_highway=2, seed=0):
+    options = preset("tiny")
+    options.lstm.use_skip_connections = skip
+    options.lstm.n_layers = n_layers
+    options.lstm.cell_clip = cell_clip
+    options.lstm.proj_clip = proj_clip
+    options.char_cnn.n_highway = n_highway
+    torch.manual_seed(seed)
+    model = BiLM(options).eval()
+    with torch.no_grad():  # non-zero biases so every term is exercised; big enough to clip
+        for cell in list(model.forward_layers) + list(model.backward_layers):
+            cell.bias.normal_(0, 0.5)
+            cell.proj_weight.mul_(4.0)
+        for conv in model.char_cnn.convs:
+            conv.bias.normal_(0, 0.1)
+    return model
+
+
+def _random_state(model, B, seed):
+    g = torch.Generator().manual_seed(seed)
+    c, h = model.zero_state(B)
+    return torch.randn(c.shape, generator=g) * 2, torch.randn(h.shape, generator=g)
+
+
+def _assert_dicts_close(got, want, atol=ATOL):
+    torch.testing.assert_close(got["token_embedding"], want["token_embedding"], atol=atol, rtol=0)
+    assert len(got["layers"]) == len(want["layers"])
+    for g, w in zip(got["layers"], want["layers"]):
+        torch.testing.assert_close(g, w, atol=atol, rtol=0)
+    assert torch.equal(got["mask"], want["mask"])
+    for g, w in zip(got["state"], want["state"]):
+        torch.testing.assert_close(g, w, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("skip,n_layers,cell_clip", [(True, 2, 3.0), (False, 2, 3.0),
+                                                     (True, 3, None), (False, 1, 3.0)])
+def test_fast_inference_equals_reference(skip, n_layers, cell_clip):
+    model = _model(skip, n_layers, cell_clip)
+    ids = batch_to_ids(_batch())
+    state = _random_state(model, ids.shape[0], 1)
+    with torch.no_grad():
+        want = reference_forward(model, ids, state)
+        got = model(ids, state)
+        got_zero = model(ids)
+    _assert_dicts_close(got, want)
+    _assert_dicts_close(got_zero, reference_forward(model, ids))
+    # padding positions exactly zero; the clips really bite in this model
+    mask = want["mask"]
+    for layer in got["layers"][1:]:
+        assert layer[~mask].abs().max() == 0
+    c_max, h_max = (s.abs().max() for s in got_zero["state"])
+    assert (c_max == 3.0) if cell_clip is not None else (c_max > 3.0)
+    assert h_max == 3.0
+
+
+@pytest.mark.parametrize("lengths", [[7], [1, 1, 1], [4, 0, 2], [3, 3]])
+def test_fast_inference_lengths(lengths):
+    model = _model()
+    ids = batch_to_ids(_batch(3, lengths))
+    with torch.no_grad():
+        _assert_dicts_close(model(ids), reference_forward(model, ids))
+
+
+def test_fast_inference_carried_state_over_batches():
+    """Three calls with the state carried, as the embedder does (section 6)."""
+    model = _model()
+    state_fast = state_ref = None
+    for k in range(3):
+        ids = batch_to_ids(_batch(k))
+        with torch.no_grad():
+            got = model(ids, state_fast)
+            want = reference_forward(model, ids, state_ref)
+        _assert_dicts_close(got, want)
+        state_fast, state_ref = got["state"], want["state"]
+
+
+def test_empty_batch_and_token_embedding_input():
+    model = _model()
+    with torch.no_grad():
+        out = model(torch.zeros(0, 2, 50, dtype=torch.long))
+        assert out["layers"][2].shape == (0, 2, 32) and out["state"][0].shape == (2, 2, 0, 64)
+        ids = batch_to_ids(_batch())
+        want = model(ids)
+        token = model.char_cnn(ids)
+        got = model(token_embedding=token, mask=(ids > 0).any(-1))
+    _assert_dicts_close(got, want, atol=0)
+
+
+def test_bf16_autocast_runs_close_to_fp32():
+    model = _model()
+    ids = batch_to_ids(_batch())
+    with torch.no_grad():
+        want = model(ids)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = model(ids)
+    for g, w in zip(got["layers"], want["layers"]):
+        assert g.dtype == torch.float32
+        assert (g - w).abs().max() < 0.15
+        assert (g - w).abs().max() > 0          # it really ran in bf16
+
+
+@pytest.mark.parametrize("skip,cell_clip,proj_clip", [(True, 3.0, 3.0), (False, None, None),
+                                                      (True, 3.0, None)])
+def test_training_gradients_equal_reference(skip, cell_clip, proj_clip):
+    """run_direction under autograd (dropout off): outputs, final state and the gradients of
+    every LSTM parameter, the input and the initial state, against autograd through the
+    reference, for rows of different lengths (0 included) in both directions."""
+    model = _model(skip, 2, cell_clip, proj_clip)
+    model.train()
+    model.dropout = 0.0
+    B, T, P = 6, 9, model.proj_dim
+    lengths = torch.tensor([9, 0, 4, 9, 1, 6])
+    valid = torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1)
+    g = torch.Generator().manual_seed(5)
+    x0 = torch.randn(B, T, P, generator=g) * valid.unsqueeze(2)
+    c00, h00 = _random_state(model, B, 6)
+    # upstream gradients scaled so that the parameter gradients are O(1)
+    w_out = [torch.randn(B, T, P, generator=g) * 0.02 for _ in range(model.n_layers)]
+    w_c, w_h = (torch.randn(s.shape[1:], generator=g) * 0.02 for s in (c00, h00))
+    for d in range(2):
+        results = []
+        for fn in (model.run_direction, lambda d, x, v, c, h: reference_run_direction(
+                model, d, x, lengths, c, h)):
+            model.zero_grad()
+            x = x0.clone().requires_grad_()
+            c0, h0 = c00[d].clone().requires_grad_(), h00[d].clone().requires_grad_()
+            outs, c, h = fn(d, x, valid, c0, h0)
+            loss = sum((o * w).sum() for o, w in zip(outs, w_out)) + (c * w_c).sum() + (h * w_h).sum()
+            loss.backward()
+            grads = {n: p.grad.clone() for n, p in model.directions[d].named_parameters()}
+            results.append(([o.detach() for o in outs], c.detach(), h.detach(), x.grad, c0.grad,
+                            h0.grad, grads))
+        (o1, c1, h1, gx1, gc1, gh1, gp1), (o2, c2, h2, gx2, gc2, gh2, gp2) = results
+        for a, b in zip(o1 + [c1, h1, gx1, gc1, gh1], o2 + [c2, h2, gx2, gc2, gh2]):
+            torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+        assert gp1.keys() == gp2.keys()
+        for name in gp1:
+            torch.testing.assert_close(gp1[name], gp2[name], atol=ATOL, rtol=0)
+        assert gx1.abs().max() > 0 and gc1.abs().max() > 0
+
+
+def test_training_forward_equals_reference_with_grad():
+    """BiLM.forward under autograd (the differentiable path) equals the reference too."""
+    model = _model()
+    ids = batch_to_ids(_batch())
+    state = _random_state(model, ids.shape[0], 2)
+    got = model(ids, state)
+    assert got["layers"][2].requires_grad
+    with torch.no_grad():
+        want = reference_forward(model, ids, state)
+    _assert_dicts_close({k: (v if k == "mask" else [t.detach() for t in v] if k != "token_embedding"
+                             else v.detach()) for k, v in got.items()}, want)
+
+
+def test_lstmp_forward_prefix_and_non_prefix_masks():
+    model = _model()
+    cell = model.forward_layers[0]
+    g = torch.Generator().manual_seed(0)
+    B, T = 4, 6
+    x = torch.randn(B, T, model.proj_dim, generator=g)
+    c, h = torch.randn(B, model.hidden_dim, generator=g), torch.randn(B, model.proj_dim, generator=g)
+    lengths = torch.tensor([6, 2, 0, 5])
+    valid = torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1)
+    with torch.no_grad():
+        got = cell(x, valid, c, h)
+        want = reference_lstm(cell, x, lengths, c, h)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+        holes = valid.clone()
+        holes[0, 2] = False  # not a prefix: the general masked loop
+        y, c1, h1 = cell(x, holes, c, h)
+        assert y[0, 2].abs().max() == 0 and y[0, 3].abs().max() > 0
+
+
+@pytest.mark.parametrize("chunk", [3, 256])
+def test_char_cnn_dedup_and_trimmed_windows_exact(chunk, monkeypatch):
+    """Distinct tokens only, windows touching real characters only: same values and the same
+    gradients as convolving every position (tokens from 1 to 48 bytes, padding, repeats)."""
+    monkeypatch.setattr(CharCNN, "CHUNK", chunk)
+    model = _model(n_highway=1)
+    model.train()
+    cnn = model.char_cnn
+    ids = batch_to_ids(_batch(1) + [["ab" * 30, "<S>", "x"], ["q" * 46, "q" * 47]])
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(*ids.shape[:2], cnn.output_dim, generator=g)
+    grads = []
+    for fn in (cnn, lambda i: reference_char_cnn(cnn, i)):
+        cnn.zero_grad()
+        out = fn(ids)
+        (out * w).sum().backward()
+        grads.append((out.detach(), {n: p.grad.clone() for n, p in cnn.named_parameters()}))
+    (a, ga), (b, gb) = grads
+    torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+    for name in ga:
+        torch.testing.assert_close(ga[name], gb[name], atol=1e-4, rtol=1e-5, msg=name)
+    with torch.no_grad():
+        torch.testing.assert_close(cnn(ids), b, atol=ATOL, rtol=0)
+
+
+def test_inference_cache_follows_weight_updates_and_pickles():
+    model = _model()
+    ids = batch_to_ids(_batch())
+    with torch.no_grad():
+        model(ids)                                  # fills the prepacked-weight cache
+        model.forward_layers[1].state_weight.mul_(0.5)
+        model.char_cnn.highways[0].carry.weight.add_(0.01)
+        model.char_cnn.convs[2].weight.mul_(1.5)
+        _assert_dicts_close(model(ids), reference_forward(model, ids))
+    clone = copy.deepcopy(model)
+    restored = pickle.loads(pickle.dumps(model))
+    with torch.no_grad():
+        _assert_dicts_close(clone(ids), reference_forward(model, ids))
+        _assert_dicts_close(restored(ids), reference_forward(model, ids))
+    sd = {k: v * 0.9 for k, v in model.state_dict().items()}
+    model.load_state_dict(sd)
+    with torch.no_grad():
+        _assert_dicts_close(model(ids), reference_forward(model, ids))
