@@ -31,9 +31,12 @@ def _train_parser(p: argparse.ArgumentParser) -> Callable:
     g.add_argument("--preset", choices=["tiny", "small", "medium", "original"], default=None)
     g.add_argument("--options", default=None, help="options.json (bilm-tf form)")
     p.add_argument("--heldout", default=None, help="glob of held-out files for perplexity")
-    p.add_argument("--epochs", type=float, default=None)
-    p.add_argument("--max-tokens", type=int, default=None, help="stop after this many tokens")
-    p.add_argument("--max-time", type=float, default=None, help="stop after this many seconds")
+    p.add_argument("--epochs", type=float, default=None,
+                   help="passes over the data, may be fractional (default: the options' n_epochs)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="stop after this many training tokens (whole run, resumes included)")
+    p.add_argument("--max-time", type=float, default=None,
+                   help="stop after this many seconds (whole run, resumes included)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--unroll-steps", type=int, default=None)
     p.add_argument("--n-negative-samples", type=int, default=None)
@@ -47,7 +50,12 @@ def _train_parser(p: argparse.ArgumentParser) -> Callable:
     p.add_argument("--log-every", type=int, default=100, help="batches between log lines")
     p.add_argument("--eval-every", type=int, default=1000, help="batches between held-out evals")
     p.add_argument("--checkpoint-every", type=int, default=1250, help="batches between checkpoints")
-    p.add_argument("--heldout-max-batches", type=int, default=None)
+    p.add_argument("--heldout-max-batches", type=int, default=None,
+                   help="cap on held-out batches per evaluation (default: all)")
+    p.add_argument("--heldout-batch-size", type=int, default=256,
+                   help="batch size of held-out evaluations (unroll 1, as `elmo test`)")
+    p.add_argument("--n-train-tokens", type=int, default=None,
+                   help="tokens per epoch (default: counted from --train, or the options' value)")
     p.add_argument("--nproc", type=int, default=None, help="shortcut for torchrun --nproc_per_node")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (CPU or GPU)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
@@ -60,9 +68,9 @@ def _test_parser(p: argparse.ArgumentParser) -> Callable:
     p.add_argument("--test", required=True, help="glob of held-out files")
     p.add_argument("--vocab", required=True)
     p.add_argument("--save-dir", required=True)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--max-batches", type=int, default=None)
-    p.add_argument("--device", default=None)
+    p.add_argument("--batch-size", type=int, default=256, help="rows per batch (unroll is 1)")
+    p.add_argument("--max-batches", type=int, default=None, help="stop after this many batches")
+    p.add_argument("--device", default=None, help="cpu, cuda (default: cuda if available)")
     from . import evaluate
     return evaluate.cli_test
 

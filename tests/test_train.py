@@ -1,0 +1,468 @@
+"""Training (spec section 9): the bilm-tf tiny training case, sampler and sampled softmax, the
+TF optimiser and clipping, export round trip, checkpoints and --resume after SIGKILL,
+--init-from, and the one-line messages of `elmo train` on bad input."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, shared_path
+from torch_elmo import ElmoEmbedder, batch_to_ids
+from torch_elmo.cli import main
+from torch_elmo.config import Options
+from torch_elmo.train import (LanguageModel, LogUniformSampler, clip_by_global_norm, export_run,
+                              full_softmax_ce, load_checkpoint, load_language_model,
+                              make_optimizer, sampled_softmax_loss, train)
+from torch_elmo.vocab import Vocabulary
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and a busy machine makes spinning threads slow."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def bilm_tf_options(skip: bool = True, **training) -> dict:
+    """bilm-tf tests/test_training.py, char inputs (fixtures README section D)."""
+    d = {"bidirectional": True, "dropout": 0.1,
+         "char_cnn": {"activation": "tanh", "embedding": {"dim": 4},
+                      "filters": [[1, 8], [2, 8], [3, 16], [4, 32], [5, 64]],
+                      "max_characters_per_token": 10, "n_characters": 261, "n_highway": 1},
+         "lstm": {"cell_clip": 3, "dim": 16, "n_layers": 2, "proj_clip": 3, "projection_dim": 8,
+                  "use_skip_connections": skip},
+         "all_clip_norm_val": 1.0, "n_epochs": 50, "n_train_tokens": 134, "batch_size": 2,
+         "unroll_steps": 10, "n_negative_samples_batch": 16}
+    d.update(training)
+    return d
+
+
+@pytest.fixture(scope="module")
+def train_data():
+    d = shared_path("fixtures", "bilm-tf", "train")
+    return str(d / "data.txt"), str(d / "vocab.txt")
+
+
+def _test_perplexity(save_dir, data_file, vocab):
+    from torch_elmo import data
+    from torch_elmo.evaluate import perplexity
+    lm, _ = load_language_model(save_dir)
+    stream = data.LMBatchStream([data_file], vocab, 1, 1, max_chars=10, shuffle=False, loop=False)
+    return perplexity(lm, stream)
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(train_data, tmp_path_factory):
+    """The bilm-tf tiny training case, with and without skip connections (300 updates each)."""
+    data_file, vocab_file = train_data
+    vocab = Vocabulary.read(vocab_file)
+    out = {}
+    for skip in (True, False):
+        save_dir = str(tmp_path_factory.mktemp(f"tiny_skip{int(skip)}"))
+        train(Options.from_dict(bilm_tf_options(skip)), vocab, [data_file], save_dir,
+              log_every=100, checkpoint_every=10_000, progress=False)
+        out[skip] = save_dir, _test_perplexity(save_dir, data_file, vocab)
+    return out
+
+
+@pytest.mark.parametrize("skip", [True, False], ids=["skip", "no-skip"])
+def test_bilm_tf_tiny_training_case_perplexity_below_20(tiny_runs, skip):
+    save_dir, ppl = tiny_runs[skip]
+    assert ckpt_step(save_dir) == 300        # 50 epochs x floor(134 / (2 x 10)) updates
+    assert ppl["n_batches"] == 134 + 5       # batch 1, unroll 1: every target of 5 sentences
+    assert ppl["average"] < 20.0, ppl
+    assert ppl["forward"] < 25 and ppl["backward"] < 25, ppl
+    assert math.isclose(ppl["average"], math.sqrt(ppl["forward"] * ppl["backward"]), rel_tol=1e-9)
+
+
+def ckpt_step(save_dir):
+    return load_checkpoint(save_dir)["step"]
+
+
+def test_run_dir_contents(tiny_runs):
+    save_dir, _ = tiny_runs[True]
+    opts = json.load(open(os.path.join(save_dir, "options.json")))
+    assert opts["char_cnn"]["n_characters"] == 261           # bilm-tf training form
+    assert opts["n_train_tokens"] == 134 and opts["n_tokens_vocab"] == 32
+    lines = [json.loads(l) for l in open(os.path.join(save_dir, "metrics.jsonl"))]
+    assert [m["step"] for m in lines] == [100, 200, 300]
+    assert all({"tokens", "train_loss", "train_ppl", "tokens_per_s", "elapsed"} <= set(m)
+               for m in lines)
+    assert lines[-1]["tokens"] == 300 * 20
+    ckpt = torch.load(os.path.join(save_dir, "checkpoint.pt"), weights_only=True)
+    assert {"model", "softmax", "optimizer", "lstm_state", "rng", "sampler", "data", "step",
+            "tokens", "options", "vocab"} <= set(ckpt)
+    assert ckpt["softmax"]["W"].shape == (32, 8)
+    assert ckpt["lstm_state"]["c"].shape == (2, 2, 2, 16)    # dirs, layers, batch rows, H
+
+
+def test_export_round_trip_matches_elmo_embedder(tiny_runs, tmp_path):
+    save_dir, _ = tiny_runs[True]
+    assert main(["export", "--save-dir", save_dir, "--out", str(tmp_path / "model")]) == 0
+    opts = json.load(open(tmp_path / "model" / "options.json"))
+    assert opts["char_cnn"]["n_characters"] == 262 and set(opts) == {"lstm", "char_cnn"}
+    elmo = ElmoEmbedder(tmp_path / "model" / "options.json", tmp_path / "model" / "weights.hdf5",
+                        state="carry")   # first call: zero state
+    lm, _ = load_language_model(save_dir)
+    sentences = [["Neural", "language", "models", "."], ["The", "first", "sentence", "is", "long"]]
+    got = elmo.embed_batch(sentences)
+    with torch.no_grad():
+        out = lm.bilm.eval()(batch_to_ids(sentences, max_chars=10))
+    layers = torch.stack(out["layers"]).numpy()
+    for b, s in enumerate(sentences):
+        assert got[b].shape == (3, len(s), 16)
+        np.testing.assert_allclose(got[b], layers[:, b, 1:len(s) + 1], rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------------- sampler & softmax
+def test_sampler_matches_one_draw_at_a_time():
+    """Vectorised unique sampling == TF's loop: draw, skip repeats, count every draw."""
+    for n in (1, 50, 400, 900):
+        got, tries = LogUniformSampler(1000, seed=n).sample(n)
+        draws = LogUniformSampler(1000, seed=n).draw(200_000).tolist()
+        seen, order, i = set(), [], 0
+        while len(order) < n:
+            if draws[i] not in seen:
+                seen.add(draws[i])
+                order.append(draws[i])
+            i += 1
+        assert got.tolist() == order and tries == i
+
+
+def test_sampler_reproduces_log_uniform_distribution():
+    V = 20
+    s = LogUniformSampler(V, seed=0)
+    draws = s.draw(200_000)
+    observed = np.bincount(draws.numpy(), minlength=V)
+    p = (np.log(np.arange(V) + 2.0) - np.log(np.arange(V) + 1.0)) / np.log(V + 1.0)
+    assert abs(p.sum() - 1) < 1e-12
+    np.testing.assert_allclose(s.probability(torch.arange(V)).numpy(), p, rtol=1e-12)
+    expected = p * draws.numel()
+    chi2 = ((observed - expected) ** 2 / expected).sum()
+    assert chi2 < 43.8, chi2          # chi-square, 19 degrees of freedom, p = 0.001
+
+
+def test_expected_counts_are_inclusion_probabilities():
+    V, n, trials = 30, 10, 4000
+    s = LogUniformSampler(V, seed=1)
+    included = np.zeros(V)
+    q_mean = np.zeros(V)
+    for _ in range(trials):
+        ids, tries = s.sample(n)
+        included[ids.numpy()] += 1
+        q_mean += s.expected_count(torch.arange(V), n, tries).numpy()
+    freq, q_mean = included / trials, q_mean / trials
+    assert abs(freq.sum() - n) < 1e-9
+    # TF's Q = 1 - (1 - p)^num_tries is an approximation of the inclusion probability (it treats
+    # num_tries as fixed); largest error on the most frequent class
+    np.testing.assert_allclose(q_mean, freq, atol=0.06)
+    assert np.abs(q_mean - freq).mean() < 0.015
+    # and the no-repeat shortcut: Q = p * n exactly when num_tries == n
+    q = s.expected_count(torch.arange(V), n, n)
+    np.testing.assert_allclose(q.numpy(), n * s.probability(torch.arange(V)).numpy(), rtol=1e-6)
+
+
+def test_sampled_softmax_agrees_with_full_softmax_in_expectation():
+    """TF's sampled-softmax loss estimates the full-softmax loss from below (log of an estimated
+    partition function, Jensen; a rare true class has Q < 1): its mean over draws approaches the
+    full loss as the negatives cover the vocabulary. The partition estimate itself is unbiased up
+    to TF's approximate Q."""
+    torch.manual_seed(0)
+    V, P, N, trials = 50, 8, 64, 800
+    x, W, b = torch.randn(N, P), 0.5 * torch.randn(V, P), 0.5 * torch.randn(V)
+    y = LogUniformSampler(V, seed=9).draw(N)          # Zipf-distributed targets, like text
+    full = float(full_softmax_ce(x, y, W, b).mean())
+    gaps = []
+    for n in (10, 25, 48):
+        s = LogUniformSampler(V, seed=n)
+        losses = torch.tensor([float(sampled_softmax_loss(x, y, W, b, s, n))
+                               for _ in range(trials)])
+        mean, sem = float(losses.mean()), float(losses.std()) / math.sqrt(trials)
+        assert sem < 0.02
+        gaps.append(full - mean)
+    assert 0 < gaps[2] < gaps[1] < gaps[0], gaps
+    assert gaps[2] < 0.005 * full, (gaps, full)
+
+    # the partition estimate behind it: E[sum_{j in S} exp(b_j) / Q_j] = sum_j exp(b_j)
+    s = LogUniformSampler(V, seed=2)
+    z = []
+    for _ in range(trials):
+        ids, tries = s.sample(25)
+        z.append(float((torch.exp(b[ids]) / s.expected_count(ids, 25, tries)).sum()))
+    assert abs(np.mean(z) / float(torch.exp(b).sum()) - 1) < 0.05
+
+
+def test_sampled_softmax_loss_is_tf_formula():
+    """Hand-computed TF sampled_softmax_loss: logits x.W_k + b_k - log Q_k for the true class and
+    the sampled ones, accidental hits removed, cross-entropy with the true class first."""
+    torch.manual_seed(1)
+    V, P, N, n = 12, 4, 6, 5
+    x, W, b = torch.randn(N, P), torch.randn(V, P), torch.randn(V)
+    y = torch.tensor([0, 1, 2, 3, 0, 7])
+    s1, s2 = LogUniformSampler(V, seed=3), LogUniformSampler(V, seed=3)
+    loss = float(sampled_softmax_loss(x, y, W, b, s1, n))
+    ids, tries = s2.sample(n)
+    q_true, q_s = s2.expected_count(y, n, tries), s2.expected_count(ids, n, tries)
+    total = 0.0
+    for i in range(N):
+        logits = [float(x[i] @ W[y[i]] + b[y[i]] - torch.log(q_true[i]))]
+        for k, j in enumerate(ids.tolist()):
+            logits.append(-np.inf if j == int(y[i]) else float(x[i] @ W[j] + b[j] - torch.log(q_s[k])))
+        logits = np.array(logits)
+        total += -(logits[0] - np.log(np.exp(logits - logits.max()).sum()) - logits.max())
+    assert math.isclose(loss, total / N, rel_tol=1e-5)
+
+
+def test_adagrad_and_clipping_match_tf_update():
+    torch.manual_seed(2)
+    w = torch.nn.Parameter(torch.randn(5, 3))
+    v = torch.nn.Parameter(torch.randn(4))
+    opt = make_optimizer([w, v], 0.2)
+    ref_w, ref_v = w.detach().double().clone(), v.detach().double().clone()
+    acc_w, acc_v = torch.ones(5, 3, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+    for _ in range(4):
+        gw, gv = 3 * torch.randn(5, 3), 3 * torch.randn(4)
+        w.grad, v.grad = gw.clone(), gv.clone()
+        norm = clip_by_global_norm([w, v], 2.0)
+        gn = math.sqrt(float((gw.double() ** 2).sum() + (gv.double() ** 2).sum()))
+        assert math.isclose(norm, gn, rel_tol=1e-5)
+        scale = 2.0 / max(gn, 2.0)                         # tf.clip_by_global_norm
+        opt.step()
+        for ref, acc, g in ((ref_w, acc_w, gw), (ref_v, acc_v, gv)):
+            g = g.double() * scale
+            acc += g * g                                   # TF Adagrad, no epsilon
+            ref -= 0.2 * g / acc.sqrt()
+        torch.testing.assert_close(w.detach().double(), ref_w, rtol=0, atol=1e-6)
+        torch.testing.assert_close(v.detach().double(), ref_v, rtol=0, atol=1e-6)
+
+
+def test_heldout_evaluation_leaves_training_untouched(train_data, tmp_path):
+    """Held-out evals use a fresh stream and zero state and no RNG: same weights with or without."""
+    data_file, vocab_file = train_data
+    vocab = Vocabulary.read(vocab_file)
+    opts = Options.from_dict(bilm_tf_options(True))
+    for name, heldout in (("a", None), ("b", [data_file])):
+        train(opts, vocab, [data_file], str(tmp_path / name), epochs=3, heldout_files=heldout,
+              eval_every=4, heldout_batch_size=4, log_every=4, progress=False)
+    a, b = load_checkpoint(str(tmp_path / "a")), load_checkpoint(str(tmp_path / "b"))
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    lines = [json.loads(l) for l in open(tmp_path / "b" / "metrics.jsonl")]
+    assert [m["step"] for m in lines if "heldout_ppl_avg" in m] == [4, 8, 12, 16, 18]
+    assert (tmp_path / "b" / "perplexity.png").stat().st_size > 1000
+
+
+# ------------------------------------------------------------------------------- resume
+def _cli_train(train_file, vocab, save_dir, opts_file, *extra):
+    return ["train", "--train", train_file, "--vocab", vocab, "--save-dir", save_dir,
+            "--options", opts_file, "--no-progress", "--seed", "3", *extra]
+
+
+def test_resume_after_sigkill_gives_the_same_weights(train_data, tmp_path):
+    data_file, vocab_file = train_data
+    opts_file = tmp_path / "opts.json"
+    opts_file.write_text(json.dumps(bilm_tf_options(True)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    args = ["--epochs", "10", "--checkpoint-every", "7", "--log-every", "5"]   # 60 updates
+
+    def run(save_dir, *more, wait=True):
+        cmd = [sys.executable, "-m", "torch_elmo",
+               *_cli_train(data_file, vocab_file, str(save_dir), str(opts_file), *args, *more)]
+        p = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+        if wait:
+            out, err = p.communicate(timeout=120)
+            assert p.returncode == 0, err
+        return p
+
+    run(tmp_path / "full")
+    killed = run(tmp_path / "killed", wait=False)
+    ckpt = tmp_path / "killed" / "checkpoint.pt"
+    deadline = time.time() + 60
+    while not ckpt.exists() and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    killed.send_signal(signal.SIGKILL)
+    killed.communicate()
+    assert killed.returncode == -signal.SIGKILL
+    step_at_kill = load_checkpoint(str(tmp_path / "killed"))["step"]
+    assert 0 < step_at_kill < 60
+    run(tmp_path / "killed", "--resume")
+
+    full, resumed = load_checkpoint(str(tmp_path / "full")), load_checkpoint(str(tmp_path / "killed"))
+    assert full["step"] == resumed["step"] == 60 and full["tokens"] == resumed["tokens"]
+    for k in full["model"]:
+        torch.testing.assert_close(resumed["model"][k], full["model"][k], rtol=0, atol=1e-6)
+    for k in ("W", "b"):
+        torch.testing.assert_close(resumed["softmax"][k], full["softmax"][k], rtol=0, atol=1e-6)
+    assert resumed["data"]["batches"] == full["data"]["batches"] == 60
+
+    def losses(d):
+        return [(m["step"], m["tokens"], m["train_loss"])
+                for m in map(json.loads, open(d / "metrics.jsonl"))]
+    assert losses(tmp_path / "killed") == losses(tmp_path / "full")   # nothing lost or repeated
+
+
+def test_init_from_run_dir_and_exported_model(tiny_runs, train_data, tmp_path):
+    data_file, vocab_file = train_data
+    vocab = Vocabulary.read(vocab_file)
+    src, _ = tiny_runs[True]
+    source = load_checkpoint(src)
+    opts = Options.from_dict(bilm_tf_options(True))
+    # a run directory with the same vocabulary: biLM and softmax carried over
+    train(opts, vocab, [data_file], str(tmp_path / "a"), init_from=src, max_tokens=0,
+          progress=False)
+    a = load_checkpoint(str(tmp_path / "a"))
+    assert a["step"] == 0
+    for k in source["model"]:
+        assert torch.equal(a["model"][k], source["model"][k]), k
+    assert torch.equal(a["softmax"]["W"], source["softmax"]["W"])
+    # an exported model (weights.hdf5): biLM carried over, new softmax
+    export_run(src, str(tmp_path / "model"))
+    train(opts, vocab, [data_file], str(tmp_path / "b"), init_from=str(tmp_path / "model"),
+          max_tokens=0, progress=False)
+    b = load_checkpoint(str(tmp_path / "b"))
+    for k in source["model"]:
+        torch.testing.assert_close(b["model"][k], source["model"][k], rtol=0, atol=0)
+    assert not torch.equal(b["softmax"]["W"], source["softmax"]["W"])
+    # and fine-tuning from it runs
+    train(opts, vocab, [data_file], str(tmp_path / "c"),
+          init_from=str(tmp_path / "model" / "weights.hdf5"), epochs=1, progress=False)
+    assert load_checkpoint(str(tmp_path / "c"))["step"] == 6
+
+
+# ------------------------------------------------------------------------ bad input (CLI)
+@pytest.fixture
+def corpus(tmp_path, train_data):
+    data_file, vocab_file = train_data
+    opts_file = tmp_path / "opts.json"
+    opts = bilm_tf_options(True)
+    del opts["n_train_tokens"]        # counted from the data (and the vocab checked on the way)
+    opts_file.write_text(json.dumps(opts))
+    return tmp_path, data_file, vocab_file, str(opts_file)
+
+
+def _run_cli(capsys, argv):
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _error_line(err):
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_glob_matching_nothing(capsys, corpus):
+    tmp, _, vocab, opts = corpus
+    rc, _, err = _run_cli(capsys, _cli_train(str(tmp / "nothing*.txt"), vocab, str(tmp / "r"), opts))
+    assert rc == 2
+    assert _error_line(err).startswith("elmo train: error: glob ")
+    assert "matches no files" in err
+
+
+def test_empty_training_file(capsys, corpus):
+    tmp, _, vocab, opts = corpus
+    (tmp / "empty.txt").write_text("")
+    rc, _, err = _run_cli(capsys, _cli_train(str(tmp / "empty.txt"), vocab, str(tmp / "r"), opts))
+    assert rc == 2
+    assert "empty" in _error_line(err) and "empty.txt" in err
+
+
+def test_blank_lines_are_skipped(capsys, corpus):
+    tmp, data_file, vocab, opts = corpus
+    text = open(data_file).read()
+    (tmp / "blank.txt").write_text("\n\n" + text.replace("\n", "\n\n   \n") + "\n")
+    rc, out, err = _run_cli(capsys, _cli_train(str(tmp / "blank.txt"), vocab, str(tmp / "r"), opts,
+                                               "--epochs", "1"))
+    assert rc == 0, err
+    ckpt = load_checkpoint(str(tmp / "r"))
+    assert ckpt["step"] == 6 and ckpt["run"]["n_train_tokens"] == 134
+
+
+def test_vocab_missing_specials(capsys, corpus):
+    tmp, data_file, _, opts = corpus
+    (tmp / "v.txt").write_text("the\nof\n<S>\n")
+    rc, _, err = _run_cli(capsys, _cli_train(data_file, str(tmp / "v.txt"), str(tmp / "r"), opts))
+    assert rc == 2
+    line = _error_line(err)
+    assert "v.txt" in line and "</S>" in line and "<UNK>" in line
+
+
+def test_vocab_not_frequency_sorted_warns(capsys, corpus):
+    tmp, data_file, vocab, opts = corpus
+    tokens = open(vocab).read().split()
+    (tmp / "v.txt").write_text("\n".join(tokens[:3] + tokens[3:][::-1]) + "\n")
+    rc, _, err = _run_cli(capsys, _cli_train(data_file, str(tmp / "v.txt"), str(tmp / "r"), opts,
+                                             "--max-tokens", "20"))
+    assert rc == 0, err
+    warn = [l for l in err.splitlines() if "warning" in l]
+    assert len(warn) == 1 and warn[0].startswith("elmo train: warning: ")
+    assert "v.txt" in warn[0] and "not sorted by descending frequency" in warn[0]
+
+
+def test_non_utf8_line_is_skipped_with_a_counted_warning(capsys, corpus):
+    tmp, data_file, vocab, opts = corpus
+    lines = open(data_file, "rb").read().splitlines(keepends=True)
+    (tmp / "bad.txt").write_bytes(b"".join(lines[:2]) + b"caf\xe9 au lait\n" + b"".join(lines[2:]))
+    rc, _, err = _run_cli(capsys, _cli_train(str(tmp / "bad.txt"), vocab, str(tmp / "r"), opts,
+                                             "--epochs", "2"))
+    assert rc == 0, err
+    warn = [l for l in err.splitlines() if "warning" in l]
+    assert len(warn) == 1, err
+    assert warn[0].startswith("elmo train: warning: ") and "bad.txt:3" in warn[0]
+    assert "UTF-8" in warn[0] and "#1" in warn[0]
+    assert load_checkpoint(str(tmp / "r"))["run"]["n_train_tokens"] == 134
+
+
+def test_resume_with_different_options_or_vocab_is_refused(capsys, corpus):
+    tmp, data_file, vocab, opts = corpus
+    run = str(tmp / "r")
+    rc, _, err = _run_cli(capsys, _cli_train(data_file, vocab, run, opts, "--max-tokens", "40"))
+    assert rc == 0, err
+    rc, _, err = _run_cli(capsys, _cli_train(data_file, vocab, run, opts, "--resume",
+                                             "--batch-size", "4"))
+    assert rc == 2
+    line = _error_line(err)
+    assert line.startswith("elmo train: error: --resume: options differ") and "batch_size" in line
+    tokens = open(vocab).read().split()
+    (tmp / "v2.txt").write_text("\n".join(tokens + ["extra"]) + "\n")
+    rc, _, err = _run_cli(capsys, _cli_train(data_file, str(tmp / "v2.txt"), run, opts, "--resume"))
+    assert rc == 2 and "vocabulary" in _error_line(err)
+    # the same command resumes; a new run refuses to overwrite the checkpoint
+    rc, _, err = _run_cli(capsys, _cli_train(data_file, vocab, run, opts, "--resume",
+                                             "--max-tokens", "80"))
+    assert rc == 0, err
+    assert load_checkpoint(run)["step"] == 4
+    rc, _, err = _run_cli(capsys, _cli_train(data_file, vocab, run, opts))
+    assert rc == 2 and "--resume" in _error_line(err)
+    rc, _, err = _run_cli(capsys, _cli_train(data_file, vocab, str(tmp / "none"), opts, "--resume"))
+    assert rc == 2 and "no checkpoint" in _error_line(err)
+
+
+def test_preset_defaults_are_section_9(capsys, corpus, monkeypatch):
+    """--preset with no overrides gives bilm-tf's training defaults; flags override."""
+    import torch_elmo.train as tr
+    seen = {}
+    monkeypatch.setattr(tr, "train", lambda options, *a, **k: seen.setdefault("o", options))
+    tmp, data_file, vocab, _ = corpus
+    argv = ["train", "--train", data_file, "--vocab", vocab, "--save-dir", str(tmp / "p"),
+            "--preset", "tiny"]
+    assert main(argv) == 0
+    o = seen.pop("o")
+    assert (o.batch_size, o.unroll_steps, o.n_negative_samples_batch, o.learning_rate,
+            o.all_clip_norm_val, o.dropout, o.n_epochs) == (128, 20, 8192, 0.2, 10.0, 0.1, 10)
+    assert main(argv + ["--batch-size", "8", "--unroll-steps", "5", "--n-negative-samples", "64",
+                        "--clip-norm", "1", "--dropout", "0", "--learning-rate", "0.1"]) == 0
+    o = seen.pop("o")
+    assert (o.batch_size, o.unroll_steps, o.n_negative_samples_batch, o.learning_rate,
+            o.all_clip_norm_val, o.dropout) == (8, 5, 64, 0.1, 1.0, 0.0)

@@ -1,0 +1,854 @@
+"""Training: the bilm-tf recipe of spec section 9 (train_elmo.py, restart.py, dump_weights.py).
+
+    LanguageModel      = BiLM + one softmax W (V, P), b (V) shared by both directions
+    LogUniformSampler  = TF log_uniform_candidate_sampler(unique=True) with its expected counts
+    sampled_softmax_loss / full_softmax_loss
+    train(...)         = the whole loop in one function: step, log, evaluate, checkpoint
+    cli_train / cli_export
+
+One training step (per batch of B rows x T = unroll_steps positions, both directions):
+
+    fwd_chars, bwd_chars --char CNN--> forward stack / backward stack (state carried, detached)
+        --dropout--> top output --sampled softmax (one set of negatives per direction)-->
+    loss = 0.5 * (fwd mean + bwd mean);  backward(loss * T);  [all-reduce];  clip global norm;
+    Adagrad(lr, initial accumulator 1.0).
+
+The backward stream from data.py is already reversed (`</S> wn .. w1`), so the backward stack
+reads it left to right with no per-row reversal. Checkpoints (`save_dir/checkpoint.pt`) hold
+everything needed to continue bit for bit: model, softmax, optimizer, carried LSTM states, every
+RNG, the data-stream position and the counters; they load with torch.load(weights_only=True).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+import warnings
+from contextlib import nullcontext
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import N_CHARACTERS_TRAIN, ElmoError, Options, preset, read_options
+from .model import BiLM
+from .vocab import Vocabulary
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+PLOT = "perplexity.png"
+OPTIONS = "options.json"
+CHECKPOINT_FORMAT = 1
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+# Options keys that change the trajectory of a run: --resume refuses if any differs. n_epochs and
+# n_train_tokens only decide when to stop, so a resumed run may extend them (bilm-tf restart.py).
+_STOPPING_KEYS = ("n_epochs", "n_train_tokens")
+
+
+# ============================================================================ sampler and losses
+class LogUniformSampler:
+    """TF `log_uniform_candidate_sampler(unique=True, range_max=V)` (spec section 9).
+
+    Draws k = floor(exp(u * log(V + 1))) - 1 (mod V), u ~ U[0, 1), one after another until
+    `n` distinct classes are seen; `num_tries` = number of draws needed. P(k) = (log(k + 2) -
+    log(k + 1)) / log(V + 1). The expected count of a class is TF's ExpectedCountHelper:
+    p * n if no draw was repeated (num_tries == n), else -expm1(num_tries * log1p(-p)).
+    Draws are made in vectorised chunks from a private torch.Generator (saved in checkpoints);
+    the result equals drawing one at a time from the same stream of uniforms."""
+
+    def __init__(self, n_classes: int, seed: int = 0):
+        if n_classes < 1:
+            raise ValueError("the sampler needs at least one class")
+        self.n_classes = n_classes
+        self.log_range = math.log1p(n_classes)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def probability(self, ids: torch.Tensor) -> torch.Tensor:
+        k = ids.double()
+        return torch.log((k + 2.0) / (k + 1.0)) / self.log_range
+
+    def expected_count(self, ids: torch.Tensor, n: int, num_tries: int) -> torch.Tensor:
+        p = self.probability(ids)
+        if num_tries == n:
+            return (p * n).float()
+        return (-torch.expm1(num_tries * torch.log1p(-p))).float()
+
+    def draw(self, m: int) -> torch.Tensor:
+        """m independent (with replacement) draws, int64 on the CPU."""
+        u = torch.rand(m, generator=self.generator, dtype=torch.float64)
+        return (torch.exp(u * self.log_range).long() - 1) % self.n_classes
+
+    def sample(self, n: int) -> tuple[torch.Tensor, int]:
+        """n distinct classes (in order of first appearance) and num_tries."""
+        if not 0 < n < self.n_classes:
+            raise ValueError(f"cannot draw {n} distinct classes out of {self.n_classes}")
+        chunk = max(2 * n, 256)
+        draws = self.draw(chunk)
+        while True:
+            uniq, inverse = torch.unique(draws, return_inverse=True)
+            if uniq.numel() >= n:
+                break
+            draws = torch.cat([draws, self.draw(chunk)])
+        positions = torch.arange(draws.numel())
+        first = torch.full((uniq.numel(),), draws.numel(), dtype=torch.long)
+        first.scatter_reduce_(0, inverse, positions, reduce="amin")
+        first = first.sort().values[:n]                 # first appearances, in draw order
+        return draws[first], int(first[-1]) + 1
+
+    def state_dict(self) -> dict:
+        return {"n_classes": self.n_classes, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, d: dict) -> None:
+        if int(d["n_classes"]) != self.n_classes:
+            raise ElmoError(f"sampler state is for {d['n_classes']} classes, not {self.n_classes}")
+        self.generator.set_state(d["generator"])
+
+
+def sampled_softmax_loss(x: torch.Tensor, targets: torch.Tensor, W: torch.Tensor, b: torch.Tensor,
+                         sampler: LogUniformSampler, n_samples: int) -> torch.Tensor:
+    """TF `sampled_softmax_loss` defaults (remove_accidental_hits, subtract_log_q), mean over rows.
+
+    x (N, P), targets (N,). ONE set of `n_samples` negatives for all N rows, ONE gather of the
+    true and sampled rows of W and b, ONE (N, P) x (P, S) matmul."""
+    N = targets.numel()
+    sampled, num_tries = sampler.sample(n_samples)
+    sampled = sampled.to(targets.device)
+    ids = torch.cat([targets, sampled])
+    log_q = torch.log(sampler.expected_count(ids.cpu(), n_samples, num_tries)).to(x.device)
+    w = W.index_select(0, ids)                                       # (N + S, P)
+    bias = b.index_select(0, ids) - log_q                            # (N + S,)
+    true_logit = (x * w[:N]).sum(dim=1) + bias[:N]                   # (N,)
+    sampled_logits = torch.addmm(bias[N:], x, w[N:].t())             # (N, S)
+    hits = targets.unsqueeze(1) == sampled.unsqueeze(0)              # accidental hits
+    sampled_logits = sampled_logits.float().masked_fill(hits, -_FLOAT32_MAX)
+    logits = torch.cat([true_logit.float().unsqueeze(1), sampled_logits], dim=1)
+    return F.cross_entropy(logits, targets.new_zeros(N))
+
+
+def full_softmax_ce(x: torch.Tensor, targets: torch.Tensor, W: torch.Tensor, b: torch.Tensor,
+                    max_elements: int = 1 << 24) -> torch.Tensor:
+    """Per-row cross-entropy (N,) over the whole vocabulary, in row chunks so that the (N, V)
+    logits never exceed `max_elements` (a 793k-word vocabulary times 256 rows would not fit)."""
+    rows = max(1, max_elements // W.shape[0])
+    out = []
+    for s in range(0, targets.numel(), rows):
+        logits = torch.addmm(b, x[s:s + rows], W.t()).float()
+        out.append(F.cross_entropy(logits, targets[s:s + rows], reduction="none"))
+    return torch.cat(out) if out else x.new_zeros(0)
+
+
+# ============================================================================ the language model
+class LanguageModel(nn.Module):
+    """BiLM + softmax shared by both directions (spec section 9). The softmax is not exported."""
+
+    def __init__(self, options: Options, n_vocab: int):
+        super().__init__()
+        self.options = options
+        self.n_vocab = n_vocab
+        self.bilm = BiLM(options)
+        P = options.lstm.projection_dim
+        self.softmax_W = nn.Parameter(torch.empty(n_vocab, P))
+        self.softmax_b = nn.Parameter(torch.zeros(n_vocab))
+        nn.init.normal_(self.softmax_W, 0.0, 1.0 / math.sqrt(P))
+
+    @property
+    def n_dirs(self) -> int:
+        return self.bilm.n_dirs
+
+    def zero_state(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.bilm.zero_state(batch_size)
+
+    def top_outputs(self, batch: dict, state: tuple) -> tuple[list[torch.Tensor], tuple]:
+        """Top LSTM output of each direction (B, T, P), dropout applied when training, and the
+        final (c, h) of every row (n_dirs, n_layers, B, .). All positions are valid (packed rows)."""
+        keys = ["fwd_chars", "bwd_chars"][: self.n_dirs]
+        chars = [batch[k] for k in keys]
+        B, T, _ = chars[0].shape
+        tokens = self.bilm.char_cnn(torch.cat(chars, dim=0))   # both directions in one CNN call
+        valid = torch.ones(B, T, dtype=torch.bool, device=tokens.device)
+        c0, h0 = state
+        tops, cs, hs = [], [], []
+        for d in range(self.n_dirs):
+            outs, c, h = self.bilm.run_direction(d, tokens[d * B:(d + 1) * B], valid, c0[d], h0[d])
+            top = outs[-1]
+            if self.training and self.options.dropout > 0:
+                top = F.dropout(top, self.options.dropout, training=True)  # before the softmax
+            tops.append(top)
+            cs.append(c)
+            hs.append(h)
+        return tops, (torch.stack(cs), torch.stack(hs))
+
+    def _targets(self, batch: dict) -> list[torch.Tensor]:
+        return [batch[k] for k in ["fwd_targets", "bwd_targets"][: self.n_dirs]]
+
+    def training_loss(self, batch: dict, state: tuple, sampler: Optional[LogUniformSampler],
+                      n_samples: int) -> tuple[torch.Tensor, list[torch.Tensor], tuple]:
+        """Mean sampled-softmax loss per direction (full softmax if sampler is None);
+        total = mean over directions = 0.5 * (fwd + bwd)."""
+        tops, new_state = self.top_outputs(batch, state)
+        losses = []
+        for top, tgt in zip(tops, self._targets(batch)):
+            x, y = top.reshape(-1, top.shape[-1]), tgt.reshape(-1)
+            if sampler is not None:
+                losses.append(sampled_softmax_loss(x, y, self.softmax_W, self.softmax_b, sampler,
+                                                   n_samples))
+            else:
+                losses.append(full_softmax_ce(x, y, self.softmax_W, self.softmax_b).mean())
+        return sum(losses) / len(losses), losses, new_state
+
+    def eval_cross_entropy(self, batch: dict, state: tuple) -> tuple[list[torch.Tensor], tuple]:
+        """Mean full-softmax cross-entropy per direction (no dropout when in eval mode)."""
+        tops, new_state = self.top_outputs(batch, state)
+        ces = [full_softmax_ce(top.reshape(-1, top.shape[-1]), tgt.reshape(-1),
+                               self.softmax_W, self.softmax_b).mean()
+               for top, tgt in zip(tops, self._targets(batch))]
+        return ces, new_state
+
+
+def make_optimizer(params, learning_rate: float) -> torch.optim.Optimizer:
+    """TF Adagrad: acc starts at 1.0, acc += g^2, theta -= lr * g / sqrt(acc), no epsilon."""
+    return torch.optim.Adagrad(params, lr=learning_rate, initial_accumulator_value=1.0, eps=0.0)
+
+
+def clip_by_global_norm(params: list[torch.Tensor], clip_norm: float) -> float:
+    """TF clip_by_global_norm: g *= clip / max(norm, clip). Returns the norm before clipping."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+    scale = clip_norm / torch.clamp(norm, min=clip_norm)
+    torch._foreach_mul_(grads, scale.to(grads[0].dtype))
+    return float(norm)
+
+
+def all_reduce_gradients(params: list[torch.Tensor], world_size: int) -> None:
+    """THE place where gradients of all ranks are averaged (bilm-tf averages tower gradients
+    before clipping). A no-op for one process; with torch.distributed initialised it averages."""
+    if world_size <= 1:
+        return
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        raise ElmoError("world_size > 1 needs torch.distributed to be initialised (use torchrun)")
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad.div_(world_size)
+
+
+# ============================================================================ checkpoints & runs
+def vocab_fingerprint(vocab: Vocabulary) -> str:
+    return hashlib.sha1("\n".join(vocab.tokens).encode("utf-8")).hexdigest()
+
+
+def training_options_dict(options: Options) -> dict:
+    """options.json in bilm-tf's training form (n_characters 261, training keys included)."""
+    d = options.to_dict()
+    d["char_cnn"]["n_characters"] = N_CHARACTERS_TRAIN
+    return d
+
+
+def _rng_state(device: torch.device) -> dict:
+    np_state = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    out = {"torch": torch.get_rng_state(),
+           "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                     "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+           "python": {"version": py_version, "state": list(py_state), "gauss": py_gauss}}
+    if device.type == "cuda":
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def _set_rng_state(d: dict) -> None:
+    torch.set_rng_state(d["torch"])
+    n = d["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = d["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+    if "cuda" in d and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(d["cuda"])
+
+
+def atomic_torch_save(obj, path: str) -> None:
+    """Write to a temp file, fsync, rename over `path`, fsync the directory: a kill at any
+    moment leaves either the old or the new checkpoint, never half of one."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    try:
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def load_checkpoint(path: str, map_location="cpu") -> dict:
+    if os.path.isdir(path):
+        path = os.path.join(path, CHECKPOINT)
+    if not os.path.exists(path):
+        raise ElmoError(f"{path}: no checkpoint found")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # a truncated / foreign file
+        raise ElmoError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ElmoError(f"{path}: not a torch_elmo training checkpoint")
+    return ckpt
+
+
+def checkpoint_options(ckpt: dict, source: str = "checkpoint") -> Options:
+    return Options.from_dict(json.loads(ckpt["options"]), source=source)
+
+
+def load_language_model(save_dir: str, device="cpu") -> tuple[LanguageModel, dict]:
+    """The LanguageModel (BiLM + softmax) of a run directory's checkpoint, in eval mode."""
+    ckpt = load_checkpoint(save_dir)
+    options = checkpoint_options(ckpt, os.path.join(save_dir, CHECKPOINT))
+    lm = LanguageModel(options, int(ckpt["vocab"]["size"]))
+    lm.bilm.load_state_dict(ckpt["model"])
+    with torch.no_grad():
+        lm.softmax_W.copy_(ckpt["softmax"]["W"])
+        lm.softmax_b.copy_(ckpt["softmax"]["b"])
+    return lm.to(device).eval(), ckpt
+
+
+def _options_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k in sorted(set(a) | set(b)):
+        if not prefix and k in _STOPPING_KEYS:
+            continue
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            keys += _options_diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            keys.append(f"{prefix}{k} ({vb!r} in the checkpoint, {va!r} now)")
+    return keys
+
+
+def check_resume_compatible(ckpt: dict, options: Options, vocab: Vocabulary, seed: int,
+                            train_files: list[str], world_size: int, path: str) -> None:
+    """One-line refusal when a resumed run would not continue the checkpointed one."""
+    v = ckpt["vocab"]
+    if int(v["size"]) != len(vocab) or v["sha1"] != vocab_fingerprint(vocab):
+        raise ElmoError(f"--resume: vocabulary {vocab.source} ({len(vocab)} tokens) differs from "
+                        f"the checkpoint's ({v['path']}, {v['size']} tokens)")
+    diff = _options_diff(training_options_dict(options), json.loads(ckpt["options"]))
+    if diff:
+        raise ElmoError(f"--resume: options differ from {path}: {'; '.join(diff)}")
+    run = ckpt["run"]
+    if int(run["seed"]) != seed:
+        raise ElmoError(f"--resume: --seed {seed} differs from the checkpoint's {run['seed']}")
+    if [os.path.abspath(f) for f in train_files] != list(run["train_files"]):
+        raise ElmoError(f"--resume: the --train files differ from the checkpoint's "
+                        f"({len(train_files)} now, {len(run['train_files'])} then)")
+    if int(run["world_size"]) != world_size:
+        raise ElmoError(f"--resume: world size {world_size} differs from the checkpoint's "
+                        f"{run['world_size']}")
+
+
+def resolve_init_from(path: str) -> tuple[Options, dict, Optional[dict], Optional[dict]]:
+    """--init-from: (architecture options, BiLM state_dict, softmax or None, vocab info or None).
+
+    Accepts a run directory (its checkpoint.pt), an exported model directory (options.json +
+    weights.hdf5) or the path of a weights.hdf5 (options.json beside it)."""
+    from .export import load_weights
+    ckpt_path = os.path.join(path, CHECKPOINT) if os.path.isdir(path) else path
+    if os.path.isfile(ckpt_path) and ckpt_path.endswith(".pt"):
+        ckpt = load_checkpoint(ckpt_path)
+        return (checkpoint_options(ckpt, ckpt_path), ckpt["model"], ckpt["softmax"], ckpt["vocab"])
+    if os.path.isdir(path):
+        weights = os.path.join(path, "weights.hdf5")
+        if not os.path.exists(weights):
+            raise ElmoError(f"--init-from {path}: neither {CHECKPOINT} nor weights.hdf5 found there")
+    elif os.path.isfile(path):
+        weights = path
+    else:
+        raise ElmoError(f"--init-from {path}: no such file or directory")
+    options_file = os.path.join(os.path.dirname(os.path.abspath(weights)), "options.json")
+    options = read_options(options_file)
+    bilm = BiLM(options)
+    load_weights(bilm, weights)
+    return options, bilm.state_dict(), None, None
+
+
+def _same_architecture(a: Options, b: Options) -> bool:
+    da, db = a.to_dict(inference=True), b.to_dict(inference=True)
+    return da == db and a.bidirectional == b.bidirectional
+
+
+def updates_per_epoch(n_train_tokens: int, batch_size: int, unroll_steps: int,
+                      world_size: int = 1) -> int:
+    return n_train_tokens // (batch_size * unroll_steps * world_size)
+
+
+def _append_jsonl(path: str, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _read_metrics(path: str, max_step: Optional[int] = None) -> list[dict]:
+    out = []
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a kill
+                if max_step is None or rec.get("step", 0) <= max_step:
+                    out.append(rec)
+    return out
+
+
+def plot_perplexity(metrics: list[dict], path: str) -> bool:
+    """perplexity.png: train (sampled softmax) and held-out (full softmax) perplexity vs tokens.
+    matplotlib is optional: returns False (after one warning) when it is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        if not getattr(plot_perplexity, "_warned", False):
+            warnings.warn("matplotlib is not installed: no perplexity.png "
+                          "(pip install matplotlib)")
+            plot_perplexity._warned = True
+        return False
+    train = [(m["tokens"], m["train_ppl"]) for m in metrics if m.get("train_ppl") is not None]
+    held = [(m["tokens"], m["heldout_ppl_fwd"], m["heldout_ppl_bwd"], m["heldout_ppl_avg"])
+            for m in metrics if m.get("heldout_ppl_avg") is not None]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if train:
+        ax.plot(*zip(*train), label="train (sampled softmax, optimistic)", color="tab:gray", lw=1)
+    if held:
+        t, f, b, a = zip(*held)
+        ax.plot(t, a, "o-", label="held-out average (full softmax)", color="tab:blue")
+        ax.plot(t, f, "--", label="held-out forward", color="tab:green", lw=1)
+        ax.plot(t, b, "--", label="held-out backward", color="tab:orange", lw=1)
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("perplexity")
+    if train or held:
+        ax.set_yscale("log")
+        ax.legend()
+    ax.grid(True, alpha=0.3)
+    ax.set_title("biLM perplexity")
+    fig.tight_layout()
+    tmp = f"{path}.tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return True
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def _batch_to(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v)
+            for k, v in batch.items()}
+
+
+def _sentence_count_check(files: list[str], vocab: Vocabulary) -> int:
+    """One pass over the training data: the number of tokens (n_train_tokens) and a frequency
+    check of the vocabulary (warns if it is not sorted by descending count, section 2)."""
+    from . import data
+    counts: dict[str, int] = {}
+    total = 0
+    bad = data.BadLines()
+    for path in files:
+        for _, tokens in data.iter_sentences(path, bad):
+            total += len(tokens)
+            for t in tokens:
+                if t in vocab:
+                    counts[t] = counts.get(t, 0) + 1
+    if bad.count > bad.named:
+        warnings.warn(f"{bad.count} non-UTF-8 line(s) skipped in total")
+    vocab.check_frequency_sorted(counts)
+    return total
+
+
+# ============================================================================ the training loop
+def train(options: Options, vocab: Vocabulary, train_files: list[str], save_dir: str, *,
+          heldout_files: Optional[list[str]] = None, epochs: Optional[float] = None,
+          n_train_tokens: Optional[int] = None, max_tokens: Optional[int] = None,
+          max_time: Optional[float] = None, seed: int = 0, resume: bool = False,
+          init_from: Optional[str] = None, log_every: int = 100, eval_every: int = 1000,
+          checkpoint_every: int = 1250, heldout_batch_size: int = 256,
+          heldout_max_batches: Optional[int] = None, device: str | torch.device = "cpu",
+          bf16: bool = False, progress: bool = True, rank: int = 0, world_size: int = 1,
+          vocab_path: Optional[str] = None) -> dict:
+    """Train (or continue training) a biLM; returns the last metrics record.
+
+    `options` carries the model and the section-9 hyperparameters (batch_size, unroll_steps,
+    n_negative_samples_batch, learning_rate, all_clip_norm_val, dropout, sample_softmax).
+    Updates = epochs x floor(n_train_tokens / (batch_size x unroll_steps x world_size)), with
+    n_train_tokens counted from the data unless given; max_tokens / max_time (seconds, whole
+    run including resumed parts) stop earlier. Only rank 0 logs, evaluates and checkpoints."""
+    from . import data
+    from .evaluate import perplexity
+
+    device = torch.device(device)
+    is_main = rank == 0
+    B, T = options.batch_size, options.unroll_steps
+    V = len(vocab)
+    options = options.replace(n_tokens_vocab=V, n_gpus=world_size)
+    ckpt_path = os.path.join(save_dir, CHECKPOINT)
+    metrics_path = os.path.join(save_dir, METRICS)
+    train_files = [os.path.abspath(f) for f in train_files]
+    if epochs is None:
+        epochs = float(options.n_epochs)
+    if float(epochs).is_integer():
+        options = options.replace(n_epochs=int(epochs))
+
+    def log(msg: str) -> None:
+        if is_main:
+            (bar.write if bar is not None else print)(msg)
+
+    bar = None
+    # ---------------------------------------------------------------- resume / init / new run
+    ckpt = None
+    if resume:
+        ckpt = load_checkpoint(ckpt_path)
+        check_resume_compatible(ckpt, options, vocab, seed, train_files, world_size, ckpt_path)
+        if n_train_tokens is None:
+            n_train_tokens = int(ckpt["run"]["n_train_tokens"])
+    if n_train_tokens is None:
+        n_train_tokens = options.n_train_tokens
+    counted = n_train_tokens is None
+    if counted:  # reports bad lines once, up front; the stream's reports are then muted
+        n_train_tokens = _sentence_count_check(train_files, vocab)
+    if n_train_tokens <= 0:
+        raise ElmoError(f"the training files contain no tokens ({', '.join(train_files[:3])}...)")
+    options = options.replace(n_train_tokens=int(n_train_tokens))
+    per_epoch = updates_per_epoch(n_train_tokens, B, T, world_size)
+    total_steps = int(math.floor(epochs * per_epoch))
+    if total_steps <= 0 and max_tokens is None and max_time is None:
+        raise ElmoError(f"{n_train_tokens} training tokens make no full batch of {B} x {T} "
+                        f"tokens per epoch: lower --batch-size / --unroll-steps or add data")
+    if total_steps <= 0:
+        total_steps = sys.maxsize  # only max_tokens / max_time stop the run
+
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+    lm = LanguageModel(options, V)
+    if init_from is not None and ckpt is None:
+        src_options, bilm_state, softmax, src_vocab = resolve_init_from(init_from)
+        if not _same_architecture(src_options, options):
+            raise ElmoError(f"--init-from {init_from}: its architecture (lstm / char_cnn) differs "
+                            f"from the options of this run")
+        lm.bilm.load_state_dict(bilm_state)
+        if softmax is not None and src_vocab is not None and src_vocab["sha1"] == vocab_fingerprint(vocab):
+            with torch.no_grad():
+                lm.softmax_W.copy_(softmax["W"])
+                lm.softmax_b.copy_(softmax["b"])
+            log(f"init from {init_from}: biLM and softmax (same vocabulary)")
+        else:
+            log(f"init from {init_from}: biLM weights, new softmax for {V} words")
+    lm.to(device)
+    params = [p for p in lm.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, options.learning_rate)
+    n_samples = options.n_negative_samples_batch
+    sampler = None
+    if options.sample_softmax:
+        if n_samples >= V:
+            warnings.warn(f"n_negative_samples_batch {n_samples} >= vocabulary size {V}: "
+                          f"training with the full softmax")
+        else:
+            sampler = LogUniformSampler(V, seed=seed * 1000 + 17 + rank)
+    stream = data.LMBatchStream(train_files, vocab, B, T,
+                                max_chars=options.char_cnn.max_characters_per_token, seed=seed,
+                                shuffle=True, loop=True, bidirectional=options.bidirectional,
+                                rank=rank, world_size=world_size)
+    state = lm.zero_state(B)
+    step, tokens, elapsed = 0, 0, 0.0
+    if ckpt is not None:
+        lm.bilm.load_state_dict(ckpt["model"])
+        with torch.no_grad():
+            lm.softmax_W.copy_(ckpt["softmax"]["W"])
+            lm.softmax_b.copy_(ckpt["softmax"]["b"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        state = (ckpt["lstm_state"]["c"].to(device), ckpt["lstm_state"]["h"].to(device))
+        stream.load_state_dict(ckpt["data"])
+        if sampler is not None:
+            sampler.load_state_dict(ckpt["sampler"])
+        _set_rng_state(ckpt["rng"])
+        step, tokens, elapsed = int(ckpt["step"]), int(ckpt["tokens"]), float(ckpt["elapsed"])
+    metrics = _read_metrics(metrics_path, max_step=step) if is_main and ckpt is not None else []
+    if is_main:
+        os.makedirs(save_dir, exist_ok=True)
+        with open(metrics_path, "w", encoding="utf-8") as f:  # drop lines newer than the checkpoint
+            f.writelines(json.dumps(m) + "\n" for m in metrics)
+        with open(os.path.join(save_dir, OPTIONS), "w", encoding="utf-8") as f:
+            json.dump(training_options_dict(options), f, indent=2)
+            f.write("\n")
+
+    def checkpoint() -> None:
+        if not is_main:
+            return
+        atomic_torch_save({
+            "format": CHECKPOINT_FORMAT,
+            "model": lm.bilm.state_dict(),
+            "softmax": {"W": lm.softmax_W.detach(), "b": lm.softmax_b.detach()},
+            "optimizer": optimizer.state_dict(),
+            "lstm_state": {"c": state[0], "h": state[1]},
+            "rng": _rng_state(device),
+            "sampler": sampler.state_dict() if sampler is not None else None,
+            "data": stream.state_dict(),
+            "step": step, "tokens": tokens, "elapsed": elapsed,
+            "window": {"loss": window_loss, "n": window_n},  # the next log line's average
+            "options": json.dumps(training_options_dict(options)),
+            "vocab": {"path": os.path.abspath(vocab_path or vocab.source), "size": V,
+                      "sha1": vocab_fingerprint(vocab)},
+            "run": {"seed": seed, "train_files": train_files, "world_size": world_size,
+                    "n_train_tokens": int(n_train_tokens), "epochs": float(epochs),
+                    "total_steps": total_steps if total_steps != sys.maxsize else None},
+        }, ckpt_path)
+
+    n_evals = []
+
+    def evaluate_heldout() -> dict:
+        with warnings.catch_warnings():
+            # the first evaluation reports bad / empty held-out files, later ones stay quiet
+            warnings.simplefilter("ignore" if n_evals else "always")
+            n_evals.append(1)
+            hs = data.LMBatchStream(heldout_files, vocab, heldout_batch_size, 1,
+                                    max_chars=options.char_cnn.max_characters_per_token, seed=0,
+                                    shuffle=False, loop=False, bidirectional=options.bidirectional)
+            with autocast():
+                return perplexity(lm, hs, max_batches=heldout_max_batches, device=device)
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+    # ---------------------------------------------------------------------------------- loop
+    def stop_reason() -> Optional[str]:
+        if step >= total_steps:
+            return f"{step} updates done"
+        if max_tokens is not None and tokens >= max_tokens:
+            return f"--max-tokens {max_tokens} reached"
+        if max_time is not None and elapsed >= max_time:
+            return f"--max-time {max_time:g}s reached"
+        return None
+
+    if is_main:
+        from tqdm import tqdm
+        planned = "until a limit" if total_steps == sys.maxsize else f"{total_steps:,} updates"
+        print(f"training {sum(p.numel() for p in lm.bilm.parameters()):,} biLM parameters + "
+              f"softmax {V:,} x {options.lstm.projection_dim}; {n_train_tokens:,} tokens/epoch, "
+              f"{per_epoch:,} updates/epoch x {epochs:g} epochs = {planned}; "
+              f"batch {B} x unroll {T} x {world_size} process(es); device {device}"
+              + (f"; resumed at step {step:,}" if ckpt is not None else ""), flush=True)
+        bar = tqdm(total=None if total_steps == sys.maxsize else total_steps, initial=step,
+                   unit="batch", disable=not progress, dynamic_ncols=True, file=sys.stderr,
+                   smoothing=0.05)
+    record: dict = {}
+    window_loss, window_n, window_tokens, window_time = 0.0, 0, 0, 0.0
+    if ckpt is not None:
+        window_loss, window_n = float(ckpt["window"]["loss"]), int(ckpt["window"]["n"])
+    muted = warnings.catch_warnings()
+    muted.__enter__()
+    if counted:
+        warnings.filterwarnings("ignore", message=r".*not valid UTF-8")
+    it = iter(stream)
+    t_last = time.perf_counter()
+    reason = stop_reason()
+    interrupted = []
+    previous_handler = None
+    if is_main and threading.current_thread() is threading.main_thread():
+        def on_sigint(signum, frame):  # finish the step, checkpoint, stop; a 2nd Ctrl-C aborts
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            interrupted.append(True)
+        previous_handler = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        while reason is None:
+            t0 = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                raise ElmoError("the training data stream ended (no sentences?)") from None
+            batch = _batch_to(batch, device)
+            lm.train()
+            with autocast():
+                loss, _, new_state = lm.training_loss(batch, state, sampler, n_samples)
+            state = (new_state[0].detach(), new_state[1].detach())  # truncated BPTT
+            optimizer.zero_grad(set_to_none=True)
+            (loss * T).backward()
+            all_reduce_gradients(params, world_size)      # the one place ranks meet
+            clip_by_global_norm(params, options.all_clip_norm_val)
+            optimizer.step()
+            step += 1
+            tokens += int(batch["n_tokens"]) * world_size
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                raise ElmoError(f"step {step}: the loss is {loss_value} (diverged); try a lower "
+                                f"--learning-rate or --clip-norm")
+            now = time.perf_counter()
+            elapsed += now - t_last
+            t_last = now
+            window_loss += loss_value
+            window_n += 1
+            window_tokens += int(batch["n_tokens"]) * world_size
+            window_time += now - t0
+            reason = stop_reason() or ("interrupted (Ctrl-C); continue with --resume"
+                                       if interrupted else None)
+            if not is_main:
+                continue
+            bar.update(1)
+            if step % 10 == 0 or reason is not None:
+                bar.set_postfix(loss=f"{loss_value:.3f}",
+                                tok_s=f"{window_tokens / max(window_time, 1e-9):,.0f}")
+            do_log = step % log_every == 0 or reason is not None
+            do_eval = heldout_files is not None and (step % eval_every == 0 or reason is not None)
+            if do_log or do_eval:
+                mean_loss = window_loss / max(window_n, 1)
+                record = {"step": step, "tokens": tokens, "train_loss": round(mean_loss, 6),
+                          "train_ppl": round(math.exp(min(mean_loss, 50.0)), 4),
+                          "tokens_per_s": round(window_tokens / max(window_time, 1e-9), 1),
+                          "elapsed": round(elapsed, 2)}
+                msg = (f"step {step:,}" + ("" if total_steps == sys.maxsize else f"/{total_steps:,}")
+                       + f" | tokens {tokens:,} | loss {mean_loss:.4f} (sampled-softmax ppl "
+                       f"{record['train_ppl']:.1f}) | {record['tokens_per_s']:,.0f} tok/s | "
+                       f"elapsed {_fmt_time(elapsed)}")
+                window_loss, window_n, window_tokens, window_time = 0.0, 0, 0, 0.0
+                if do_eval:
+                    t_eval = time.perf_counter()
+                    ppl = evaluate_heldout()
+                    record.update(heldout_ppl_fwd=round(ppl["forward"], 4),
+                                  heldout_ppl_bwd=round(ppl["backward"], 4),
+                                  heldout_ppl_avg=round(ppl["average"], 4))
+                    msg += (f" | held-out ppl (full softmax) fwd {ppl['forward']:.2f} "
+                            f"bwd {ppl['backward']:.2f} avg {ppl['average']:.2f}")
+                    t_last = time.perf_counter()
+                    elapsed += t_last - t_eval
+                    record["elapsed"] = round(elapsed, 2)
+                log(msg)
+                metrics.append(record)
+                _append_jsonl(metrics_path, record)
+                if do_eval:
+                    plot_perplexity(metrics, os.path.join(save_dir, PLOT))
+            if step % checkpoint_every == 0 and reason is None:
+                checkpoint()
+    finally:
+        muted.__exit__(None, None, None)
+        if previous_handler is not None:
+            signal.signal(signal.SIGINT, previous_handler)
+        if bar is not None:
+            bar.close()
+    if is_main:
+        checkpoint()
+        plot_perplexity(metrics, os.path.join(save_dir, PLOT))
+        print(f"stopped: {reason}; checkpoint {ckpt_path}", flush=True)
+    return record
+
+
+# ============================================================================ command line
+def _one_line_warnings(prefix: str):
+    """Show warnings as `elmo <cmd>: warning: ...` single lines on stderr."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"{prefix}: warning: {message}", file=sys.stderr, flush=True)
+    return show
+
+
+def resolve_device(name: Optional[str]) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ElmoError(f"--device {name}: CUDA is not available on this machine")
+    return dev
+
+
+def options_from_args(args, base: Optional[Options] = None) -> Options:
+    """--options FILE | --preset NAME | `base` (resume / init-from) | the small preset, then the
+    per-flag overrides. A preset brings section 9's training defaults (Options' defaults)."""
+    if args.options:
+        options = read_options(args.options)
+    elif args.preset:
+        options = preset(args.preset)
+    elif base is not None:
+        options = base
+    else:
+        options = preset("small")
+    overrides = {"batch_size": args.batch_size, "unroll_steps": args.unroll_steps,
+                 "n_negative_samples_batch": args.n_negative_samples,
+                 "learning_rate": args.learning_rate, "all_clip_norm_val": args.clip_norm,
+                 "dropout": args.dropout}
+    options = options.replace(**{k: v for k, v in overrides.items() if v is not None})
+    for k in ("batch_size", "unroll_steps", "n_negative_samples_batch"):
+        if getattr(options, k) < 1:
+            raise ElmoError(f"{k} must be >= 1, got {getattr(options, k)}")
+    if not 0.0 <= options.dropout < 1.0:
+        raise ElmoError(f"dropout must be in [0, 1), got {options.dropout}")
+    if options.learning_rate <= 0 or options.all_clip_norm_val <= 0:
+        raise ElmoError("learning_rate and all_clip_norm_val must be > 0")
+    return options
+
+
+def cli_train(args) -> int:
+    from . import data
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = _one_line_warnings("elmo train")
+        if args.nproc is not None and args.nproc > 1:
+            raise ElmoError("--nproc > 1 (multi-process training) is not available yet")
+        if args.epochs is not None and args.epochs <= 0:
+            raise ElmoError(f"--epochs must be > 0, got {args.epochs:g}")
+        device = resolve_device(args.device)
+        train_files = data.expand_glob(args.train)
+        heldout_files = data.expand_glob(args.heldout) if args.heldout else None
+        vocab = Vocabulary.read(args.vocab)
+        base = None
+        if args.resume:
+            base = checkpoint_options(load_checkpoint(args.save_dir),
+                                      os.path.join(args.save_dir, CHECKPOINT))
+        elif args.init_from and not (args.options or args.preset):
+            base = resolve_init_from(args.init_from)[0]
+            base = Options(lstm=base.lstm, char_cnn=base.char_cnn, bidirectional=base.bidirectional)
+        options = options_from_args(args, base)
+        if (not args.resume and os.path.exists(os.path.join(args.save_dir, CHECKPOINT))
+                and args.init_from is None):
+            raise ElmoError(f"{args.save_dir} already holds a checkpoint: add --resume to continue "
+                            f"it, or choose another --save-dir")
+        epochs = args.epochs
+        if args.resume and epochs is None:
+            epochs = float(load_checkpoint(args.save_dir)["run"]["epochs"])
+        train(options, vocab, train_files, args.save_dir, heldout_files=heldout_files,
+              epochs=epochs, n_train_tokens=getattr(args, "n_train_tokens", None),
+              max_tokens=args.max_tokens, max_time=args.max_time, seed=args.seed,
+              resume=args.resume, init_from=args.init_from, log_every=args.log_every,
+              eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
+              heldout_batch_size=getattr(args, "heldout_batch_size", 256),
+              heldout_max_batches=args.heldout_max_batches, device=device, bf16=args.bf16,
+              progress=not args.no_progress, vocab_path=args.vocab)
+    return 0
+
+
+def export_run(save_dir: str, out_dir: str) -> tuple[str, str]:
+    """A run's biLM -> out_dir/options.json (inference form, n_characters 262) + weights.hdf5."""
+    from .export import export_model
+    lm, _ = load_language_model(save_dir)
+    return export_model(lm.bilm, out_dir)
+
+
+def cli_export(args) -> int:
+    options_file, weight_file = export_run(args.save_dir, args.out)
+    print(f"wrote {options_file} and {weight_file}")
+    return 0
