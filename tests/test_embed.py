@@ -20,7 +20,8 @@ def _expected(d, k, i):
 
 def test_stateful_top_layer_matches_bilm_tf_fixture(fixture_model_dir):
     d = fixture_model_dir
-    embedder = ElmoEmbedder(d / "options.json", d / "lm_weights.hdf5", max_batch_size=4)
+    embedder = ElmoEmbedder(d / "options.json", d / "lm_weights.hdf5", state="carry",
+                            max_batch_size=4)
     for i, batch in enumerate(_fixture_batches(d)):
         out = embedder.embed_batch(batch)
         for k in range(3):
@@ -44,7 +45,7 @@ def test_state_is_what_makes_the_fixture_match(fixture_model_dir):
     """Without carried state (fresh embedder per batch) batch 1 no longer matches."""
     d = fixture_model_dir
     batches = _fixture_batches(d)
-    fresh = ElmoEmbedder(d / "options.json", d / "lm_weights.hdf5")
+    fresh = ElmoEmbedder(d / "options.json", d / "lm_weights.hdf5", state="carry")
     out = fresh.embed_batch(batches[1])
     assert not np.allclose(out[0][2], _expected(d, 0, 1), atol=1e-6)
 
@@ -52,7 +53,7 @@ def test_state_is_what_makes_the_fixture_match(fixture_model_dir):
 def test_embed_sentences_in_order_equals_batches(fixture_model_dir):
     d = fixture_model_dir
     flat = [s for batch in _fixture_batches(d) for s in batch]
-    embedder = ElmoEmbedder(d / "options.json", d / "lm_weights.hdf5")
+    embedder = ElmoEmbedder(d / "options.json", d / "lm_weights.hdf5", state="carry")
     out = list(embedder.embed_sentences(flat, batch_size=3))
     assert len(out) == 30
     assert np.allclose(out[3 * 4 + 2][2], _expected(d, 2, 4), atol=1e-6)

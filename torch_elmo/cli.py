@@ -83,16 +83,26 @@ def _export_parser(p: argparse.ArgumentParser) -> Callable:
 
 
 def _embed_parser(p: argparse.ArgumentParser) -> Callable:
-    p.add_argument("--model", required=True, help="dir with options.json + weights.hdf5, or a name")
-    p.add_argument("--input", required=True, help="text file, one whitespace-tokenized sentence a line")
-    p.add_argument("--output", required=True, help="HDF5 file to write")
-    p.add_argument("--layers", choices=["all", "top", "average"], default="all")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--state", default=None, help="carry | zero | warm")
-    p.add_argument("--dtype", choices=["float32", "float16"], default="float32")
-    p.add_argument("--max-tokens", type=int, default=None, help="longer lines: overlapping windows")
-    p.add_argument("--device", default=None)
     from . import embed
+    p.add_argument("--model", required=True,
+                   help="dir with options.json + weights.hdf5, or a pretrained name "
+                        "(small, medium, original, original-5.5B; downloaded once, cached in "
+                        "$TORCH_ELMO_CACHE or ~/.cache/torch_elmo)")
+    p.add_argument("--input", required=True, help="text file, one whitespace-tokenized sentence a line")
+    p.add_argument("--output", required=True, help="HDF5 file to write (atomically)")
+    p.add_argument("--layers", choices=["all", "top", "average"], default="all",
+                   help="all: (3, n, 2P) per line; top: layer 2; average: mean of the 3 layers")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--state", choices=list(embed.STATE_MODES), default=embed.DEFAULT_STATE,
+                   help="initial LSTM state: carry = bilm-tf/allennlp (depends on batch history), "
+                        "zero, warm = fixed warmed-up state (default %(default)s; README "
+                        "'Inference state')")
+    p.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+    p.add_argument("--max-tokens", type=int, default=embed.DEFAULT_MAX_TOKENS,
+                   help="longer lines are embedded in overlapping windows and rejoined "
+                        "(0 = no limit; default %(default)s)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--no-progress", action="store_true")
     return embed.cli_embed
 
 
