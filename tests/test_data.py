@@ -61,7 +61,8 @@ def test_worked_example_backward(tmp_path):
     assert b1["bwd_targets"].tolist() == [[4, 2, 3], [4, 2, 0]]
     assert b2["bwd_inputs"].tolist() == [[3, 1, 3], [1, 4, 2]]
     assert b2["bwd_targets"].tolist() == [[0, 3, 0], [4, 2, 3]]
-    assert b1["bwd_chars"][0].tolist() == [[c + 1 for c in raw5(t)] for t in ["</S>", ".", "unknown"]]
+    assert b1["bwd_chars"][0].tolist() == [[c + 1 for c in raw5(t)]
+                                           for t in ["</S>", ".", "unknown"]]
     for b in (b1, b2):       # the final boundary token is never an input
         assert 1 not in b["fwd_inputs"].tolist()[0] + b["fwd_inputs"].tolist()[1]
         assert 0 not in b["bwd_inputs"].flatten().tolist()
@@ -398,7 +399,8 @@ def test_cli_vocab(tmp_path):
         rc = cli.main(["vocab", "--train", str(tmp_path / "zz*.txt"), "--out", str(out)])
     assert rc == 2
     assert err.getvalue().count("\n") == 1
-    assert "elmo vocab: error: glob '" in err.getvalue() and "zz*.txt' matches no files" in err.getvalue()
+    msg = err.getvalue()
+    assert msg.startswith("elmo vocab: error: glob '") and "zz*.txt' matches no files" in msg
 
 
 # --------------------------------------------------------------------- speed
@@ -418,3 +420,49 @@ def test_batch_speed(tmp_path):
         times.append(time.perf_counter() - t0)
     # both directions, 128 x 20 x 50 chars; typically ~2 ms; generous bound against slow CI
     assert float(np.median(times)) < 0.02, times
+
+
+def test_token_cache_trimming_changes_nothing(tmp_path, monkeypatch):
+    files = write_corpus(tmp_path, 2, 30, words=4)
+    v = vocab_for(files)
+    ref = run(LMBatchStream(files, v, 3, 5, seed=2, block_bytes=64), 40)
+    import torch_elmo.data as data
+    monkeypatch.setattr(data, "_CACHE_TOKENS", 8)       # trimmed before nearly every batch
+    s = LMBatchStream(files, v, 3, 5, seed=2, block_bytes=64)
+    got = run(s, 20)
+    st = s.state_dict()
+    assert len(s._row_tokens) < 60
+    r = LMBatchStream(files, v, 3, 5, seed=2, block_bytes=64)
+    r.load_state_dict(st)
+    got += run(r, 20)
+    assert all(same(a, b) for a, b in zip(got, ref))
+
+
+def test_memory_is_bounded_by_the_block_not_the_file(tmp_path):
+    import tracemalloc
+    p = tmp_path / "big.txt"
+    line = " ".join(["the", "cat", "sat", "on", "a", "mat"] * 3) + "\n"
+    p.write_text(line * 40_000)                            # ~1.5 MB
+    v = Vocabulary(["<S>", "</S>", "<UNK>", "the", "cat"])
+    s = LMBatchStream(str(p), v, 16, 20, block_bytes=32 << 10)
+    tracemalloc.start()
+    try:
+        for _ in range(400):                               # a sixth of the file, ~13 blocks
+            s.next_batch()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert s._dirs[0].block > 5
+    # ~1 MB measured (blocks, batch arrays, torch); one block = the whole file: ~11 MB
+    assert peak < 3_000_000, peak
+
+
+def test_cli_vocab_empty_corpus(tmp_path):
+    (tmp_path / "a.txt").write_text("")
+    (tmp_path / "b.txt").write_text("\n \n")
+    err = io.StringIO()
+    with redirect_stderr(err):
+        rc = cli.main(["vocab", "--train", str(tmp_path / "*.txt"), "--out",
+                       str(tmp_path / "v.txt")])
+    assert rc == 2 and "no tokens" in err.getvalue() and "a.txt" in err.getvalue()
+    assert not (tmp_path / "v.txt").exists()

@@ -190,11 +190,12 @@ _TAG_SHARDS, _TAG_BLOCKS, _TAG_LINES = 1, 2, 3
 
 
 class _Row:
-    """A row's current sentence: its position in the source, ids, chars, tokens consumed."""
-    __slots__ = ("ptr", "ids", "chars", "pos")
+    """A row's current sentence: its position in the source, its tokens as rows of the token
+    table (`[<S>, w1..wn, </S>]`, or reversed), and how many of them were consumed as inputs."""
+    __slots__ = ("ptr", "ids", "pos")
 
-    def __init__(self, ptr, ids, chars, pos=0):
-        self.ptr, self.ids, self.chars, self.pos = ptr, ids, chars, pos
+    def __init__(self, ptr, ids: list[int], pos: int = 0):
+        self.ptr, self.ids, self.pos = ptr, ids, pos
 
 
 class _Direction:
@@ -266,14 +267,16 @@ class _Direction:
     # Row 0 is filled completely before row 1; a row whose sentence has only its final token
     # left (</S>, or <S> backwards) pulls the next sentence from the shared source, so that
     # token is only ever a target. Unfinished sentences stay in `rows` for the next batch.
-    # The arrays: inputs/targets (B, T) int64 word ids, chars (B, T, C) int64 char ids (+1).
+    # Positions are first collected as rows of the stream's token table (flat lists, row-major
+    # B x T), then turned into arrays with one gather each: inputs/targets (B, T) int64 word
+    # ids = wids[rows], chars (B, T, C) int64 char ids (+1) = table[input rows].
     def batch(self) -> Optional[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         st = self.st
-        B, T, C = st.batch_size, st.unroll_steps, st.max_chars
-        inputs = np.empty((B, T), dtype=np.int64)
-        targets = np.empty((B, T), dtype=np.int64)
-        chars = np.empty((B, T, C), dtype=np.int64)
+        B, T = st.batch_size, st.unroll_steps
+        ins: list[int] = []
+        outs: list[int] = []
         rows = self.rows
+        reverse = self.d == 1
         for i in range(B):
             t = 0
             while t < T:
@@ -282,16 +285,17 @@ class _Direction:
                     got = self.next_sentence()
                     if got is None:           # data ran out: this batch is discarded
                         return None
-                    ids, ch = st._encode(got[1], reverse=self.d == 1)
-                    row = rows[i] = _Row(got[0], ids, ch)
+                    row = rows[i] = _Row(got[0], st._encode(got[1], reverse))
                 a = row.pos
                 k = min(len(row.ids) - a - 1, T - t)
-                inputs[i, t:t + k] = row.ids[a:a + k]
-                targets[i, t:t + k] = row.ids[a + 1:a + k + 1]
-                chars[i, t:t + k] = row.chars[a:a + k]
+                ids = row.ids
+                ins += ids[a:a + k]
+                outs += ids[a + 1:a + k + 1]
                 row.pos = a + k
                 t += k
-        return inputs, targets, chars
+        inp = np.array(ins, dtype=np.int64).reshape(B, T)
+        out = np.array(outs, dtype=np.int64).reshape(B, T)
+        return st._wids[inp], st._wids[out], st._table[inp].astype(np.int64)
 
     # -- state ---------------------------------------------------------------------------------
     def state(self) -> dict:
@@ -325,8 +329,7 @@ class _Direction:
             tokens = st._tokens(raw, int(order[j]), fi, bi, count_bad=False)
             if tokens is None:
                 raise ElmoError("data state does not match the files (a row's sentence is gone)")
-            ids, ch = st._encode(tokens, reverse=self.d == 1)
-            rows.append(_Row((p, s, b, j), ids, ch, pos))
+            rows.append(_Row((p, s, b, j), st._encode(tokens, reverse=self.d == 1), pos))
         if len(rows) != st.batch_size:
             raise ElmoError(f"data state has {len(rows)} rows, this stream {st.batch_size}")
         self.rows = rows
@@ -352,6 +355,11 @@ class LMBatchStream:
     rank/world_size: with at least world_size (non-empty) files rank r reads files r::world_size,
     otherwise all files and, inside each, the lines with (0-based) number i % world_size == r.
     Orders are drawn from (seed, rank, direction, ...), so ranks are independent streams.
+
+    block_bytes: the shuffle unit (see the module docstring). Lines are shuffled within a block
+    and blocks within a file; memory holds about two blocks per direction, whatever the file
+    size. A file smaller than one block is shuffled as a whole, as bilm-tf shuffled a shard.
+    Empty files are skipped with a warning (ElmoError when all are empty).
     """
 
     def __init__(self, files: Sequence[str] | str, vocab: Vocabulary, batch_size: int,
@@ -368,7 +376,8 @@ class LMBatchStream:
         if min(vocab.bos, vocab.eos, vocab.unk) < 0:
             raise ElmoError(f"{vocab.source}: a training vocabulary needs <S>, </S> and <UNK>")
         self.vocab = vocab
-        self.batch_size, self.unroll_steps, self.max_chars = int(batch_size), int(unroll_steps), int(max_chars)
+        self.batch_size, self.unroll_steps = int(batch_size), int(unroll_steps)
+        self.max_chars = int(max_chars)
         self.seed, self.shuffle, self.loop = int(seed), bool(shuffle), bool(loop)
         self.bidirectional = bool(bidirectional)
         self.rank, self.world_size, self.block_bytes = int(rank), int(world_size), int(block_bytes)
@@ -387,7 +396,8 @@ class LMBatchStream:
             raise ElmoError(f"all {len(empty)} files are empty: {_name_files(empty)}; "
                             f"no batch could ever be made")
         if empty:
-            warnings.warn(f"skipping {len(empty)} empty file(s): {_name_files(empty)}", stacklevel=2)
+            warnings.warn(f"skipping {len(empty)} empty file(s): {_name_files(empty)}",
+                          stacklevel=2)
         full = [(f, n) for f, n in zip(self.files, sizes) if n > 0]
         self.split_lines = len(full) < self.world_size
         mine = full if self.split_lines else full[self.rank::self.world_size]
@@ -396,11 +406,14 @@ class LMBatchStream:
         self._n_blocks = [-(-n // self.block_bytes) for n in self._sizes]
         self._line_bases: dict[int, list[int]] = {}
         self._orders: dict = {}
-        # token -> row of the char-id table; rows 0 and 1 are <S> and </S> for good
-        self._cache: dict[str, int] = {}
-        self._table = np.zeros((_CACHE_TOKENS, self.max_chars), dtype=np.int16)
-        self._wids = np.zeros(_CACHE_TOKENS, dtype=np.int64)
-        self._reset_cache()
+        # The token table: token -> row; row r holds its char ids (+1) and its vocab id. Rows 0
+        # and 1 are <S> and </S>. Trimmed between batches when it has grown past _CACHE_TOKENS.
+        self._cache: dict[str, int] = {BOS_TOKEN: 0, EOS_TOKEN: 1}
+        self._row_tokens: list[str] = [BOS_TOKEN, EOS_TOKEN]
+        self._table = np.zeros((1024, self.max_chars), dtype=np.int16)
+        self._wids = np.zeros(1024, dtype=np.int64)
+        self._table[0], self._wids[0] = char_ids(BOS_TOKEN, self.max_chars), vocab.bos
+        self._table[1], self._wids[1] = char_ids(EOS_TOKEN, self.max_chars), vocab.eos
         self.bad = BadLines()
         self._count_bad = True
         self.reset()
@@ -435,6 +448,8 @@ class LMBatchStream:
 
     def next_batch(self) -> Optional[dict]:
         """The next batch, or None when a finite stream has run out (never raises StopIteration)."""
+        if len(self._row_tokens) > _CACHE_TOKENS:
+            self._trim_cache()
         out: dict = {}
         for d, prefix in zip(self._dirs, ("fwd", "bwd")):
             got = d.batch()
@@ -474,7 +489,8 @@ class LMBatchStream:
             k = diff[0]
             old, new = state["config"].get(k), mine[k]
             if k in ("files", "sizes"):
-                old, new = _name_files([str(x) for x in old or []]), _name_files([str(x) for x in new])
+                old, new = (_name_files([str(x) for x in old or []]),
+                            _name_files([str(x) for x in new]))
             raise ElmoError(f"data state does not match this stream: {k} was {old}, now {new}"
                             + (f" (also {', '.join(diff[1:])})" if len(diff) > 1 else ""))
         self.reset()
@@ -550,7 +566,8 @@ class LMBatchStream:
             self._line_bases[fi] = bases
         return bases[bi]
 
-    def _load_block(self, d: int, p: int, s: int, b: int) -> tuple[list[bytes], np.ndarray, int, int]:
+    def _load_block(self, d: int, p: int, s: int,
+                    b: int) -> tuple[list[bytes], np.ndarray, int, int]:
         """The block at position (pass p, shard s, block b) of direction d: its raw lines, the
         order to read them in (this rank's lines only, shuffled), its file and block index."""
         fi = int(self._shard_order(d, p)[s])
@@ -575,37 +592,44 @@ class LMBatchStream:
             return None
         return tokens or None
 
-    def _reset_cache(self) -> None:
-        self._cache.clear()
-        for row, tok, wid in ((0, BOS_TOKEN, self.vocab.bos), (1, EOS_TOKEN, self.vocab.eos)):
-            self._table[row] = char_ids(tok, self.max_chars)
-            self._wids[row] = wid
-
-    def _encode(self, tokens: list[str], reverse: bool) -> tuple[np.ndarray, np.ndarray]:
-        """`[<S>] + tokens + [</S>]` (reversed: `[</S>] + reversed + [<S>]`) as word ids (n+2,)
-        and char ids (n+2, C), via the per-token cache."""
-        cache = self._cache
-        if len(cache) + len(tokens) + 2 > len(self._table):
-            if len(tokens) + 2 > len(self._table):   # one giant sentence: grow the table
-                self._table = np.zeros((len(tokens) + 2, self.max_chars), dtype=np.int16)
-                self._wids = np.zeros(len(tokens) + 2, dtype=np.int64)
-            self._reset_cache()
-        get = cache.get
+    def _encode(self, tokens: list[str], reverse: bool) -> list[int]:
+        """Table rows of `[<S>] + tokens + [</S>]` (reversed: `[</S>] + reversed + [<S>]`)."""
+        get = self._cache.get
         rows = [get(t, -1) for t in tokens]
         if -1 in rows:
             for i, t in enumerate(tokens):
                 if rows[i] == -1:
-                    r = cache.get(t)
-                    if r is None:
-                        r = cache[t] = len(cache) + 2
-                        self._table[r] = char_ids(t, self.max_chars)
-                        self._wids[r] = self.vocab.word_to_id(t)
-                    rows[i] = r
-        idx = np.empty(len(rows) + 2, dtype=np.int64)
+                    rows[i] = self._add_token(t)
         if reverse:
-            idx[0], idx[-1] = 1, 0
-            idx[1:-1] = rows[::-1]
-        else:
-            idx[0], idx[-1] = 0, 1
-            idx[1:-1] = rows
-        return self._wids[idx], self._table[idx]
+            rows.reverse()
+            return [1, *rows, 0]
+        return [0, *rows, 1]
+
+    def _add_token(self, token: str) -> int:
+        r = self._cache.get(token)
+        if r is None:
+            r = len(self._row_tokens)
+            if r == len(self._table):
+                self._table = np.concatenate([self._table, np.zeros_like(self._table)])
+                self._wids = np.concatenate([self._wids, np.zeros_like(self._wids)])
+            self._table[r] = char_ids(token, self.max_chars)
+            self._wids[r] = self.vocab.word_to_id(token)
+            self._cache[token] = r
+            self._row_tokens.append(token)
+        return r
+
+    def _trim_cache(self) -> None:
+        """Keep only the tokens of sentences in progress (renumbered), forget the rest."""
+        live = [r for d in self._dirs for r in d.rows if r is not None]
+        keep = sorted({0, 1}.union(*(r.ids for r in live)))
+        new = {old: i for i, old in enumerate(keep)}
+        cap = max(1024, 2 * len(keep))
+        table = np.zeros((cap, self.max_chars), dtype=np.int16)
+        wids = np.zeros(cap, dtype=np.int64)
+        table[:len(keep)] = self._table[keep]
+        wids[:len(keep)] = self._wids[keep]
+        self._table, self._wids = table, wids
+        self._row_tokens = [self._row_tokens[r] for r in keep]
+        self._cache = {t: i for i, t in enumerate(self._row_tokens)}
+        for r in live:
+            r.ids = [new[x] for x in r.ids]
