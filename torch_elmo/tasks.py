@@ -20,9 +20,10 @@ label (below), and the text is split on whitespace. The shared data sets are alr
 (SST: PTB-tokenised and lowercased; TREC: tokenised; emotion: lowercased, no punctuation), so
 nothing else is done; a plain `text<TAB>label` file is split on whitespace as it is.
 
-ELMo vectors are computed with a deterministic state: the biLM's LSTM state is reset to zero
-before every batch, so a sentence's features do not depend on which batch it lands in (the
-`carry` state of the bilm-tf fixtures would make them depend on history).
+ELMo vectors are computed with a deterministic initial LSTM state, embed.py's "warm" state (the
+biLM's state after reading a fixed warm-up text, the same for every sentence), so a sentence's
+features do not depend on which batch it lands in or what ran before (the `carry` state of the
+bilm-tf fixtures would make them depend on history).
 
 NER: a CoNLL-2003 reader/writer (IOB1 -> BIO), and a tagger
     [ word embedding (train vocab) ; casing embedding ; gamma * sum_j softmax(w)_j * ELMo layer j ]
@@ -220,18 +221,23 @@ def resolve_model(model: str | os.PathLike) -> tuple[Path, Path]:
     raise ElmoError(f"{model}: no weights.hdf5 (or lm_weights.hdf5) in the model directory")
 
 
-def load_embedder(model, device: str = "cpu", bilm=None):
-    """An ElmoEmbedder for a model dir (or an in-memory BiLM)."""
-    from .embed import ElmoEmbedder
+def load_embedder(model, device: str = "cpu", bilm=None, state: str = "warm"):
+    """An ElmoEmbedder for a model dir (or an in-memory BiLM) with a deterministic state:
+    "warm" (every batch starts from the biLM's state after a fixed warm-up text, embed.py's
+    default) or "zero"; with an embed.py that only knows "carry", the state is reset to zero
+    before every batch (see embed_layers)."""
+    from . import embed
+    kw = {"state": state} if state in getattr(embed, "STATE_MODES", ("carry",)) else {}
     if bilm is not None:
-        return ElmoEmbedder(None, None, model=bilm, device=device)
+        return embed.ElmoEmbedder(None, None, model=bilm, device=device, **kw)
     options, weights = resolve_model(model)
-    return ElmoEmbedder(options, weights, device=device)
+    return embed.ElmoEmbedder(options, weights, device=device, **kw)
 
 
 def embed_layers(embedder, sentences: Sequence[Sequence[str]], batch_size: int = 64,
                  dtype=np.float32, progress: Optional[str] = None) -> list[np.ndarray]:
-    """(3, n, 2P) layers per sentence, zero LSTM state per batch (batch-independent features).
+    """(3, n, 2P) layers per sentence, batch-independent (the embedder's warm/zero state, or a
+    carry-state embedder reset to zero before every batch).
 
     Sentences are batched in length order (less padding); results come back in input order."""
     order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
@@ -243,7 +249,8 @@ def embed_layers(embedder, sentences: Sequence[Sequence[str]], batch_size: int =
                    disable=not sys.stderr.isatty())
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        embedder.states.reset()  # deterministic: every batch starts from the zero state
+        if getattr(embedder, "state", "carry") == "carry":
+            embedder.states.reset()  # deterministic: every batch starts from the zero state
         vecs = embedder.embed_batch([list(sentences[i]) for i in idx])
         for i, v in zip(idx, vecs):
             out[i] = v.astype(dtype, copy=False)
