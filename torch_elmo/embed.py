@@ -25,7 +25,8 @@ Inference state (`state=`, `STATE_MODES`):
 
 Token-embedding cache (bilm-tf `dump_token_embeddings` + `TokenBatcher`): `TokenEmbeddingCache`
 holds the char-CNN output of a vocabulary; `ElmoEmbedder(..., token_cache=cache)` then runs the
-LSTMs from token ids (+1, 0 = padding) with the cached vectors instead of the character CNN.
+LSTMs from token ids (+1, 0 = padding) with the cached vectors instead of the character CNN
+(`BiLM.forward(token_embedding=..., mask=...)`).
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ import torch.nn.functional as F
 from .chars import BOS_TOKEN, EOS_TOKEN, batch_to_ids, char_ids
 from .config import ElmoError
 from .export import load_bilm, save_weights
-from .model import BiLM, RowStateBuffer, reverse_index
+from .model import BiLM, RowStateBuffer
 
 STATE_MODES = ("carry", "zero", "warm")
 DEFAULT_STATE = "warm"
@@ -212,34 +213,6 @@ def remove_sentence_boundaries(x: torch.Tensor, mask: torch.Tensor) -> tuple[tor
     return x[:, 1:T + 1] * new_mask.unsqueeze(2).to(x.dtype), new_mask
 
 
-def bilm_from_token_embedding(model: BiLM, token: torch.Tensor, mask: torch.Tensor,
-                              state: Optional[tuple] = None) -> dict:
-    """BiLM.forward from a precomputed token representation (B, T, P) and its (B, T) mask instead
-    of char ids; returns the same dict. Same stacking as BiLM.forward (sections 5, 7), through
-    the model's public pieces (run_direction, reverse_index)."""
-    B, T, _ = token.shape
-    lengths = mask.sum(dim=1)
-    valid = torch.arange(T, device=mask.device).unsqueeze(0) < lengths.unsqueeze(1)
-    token = token * mask.unsqueeze(2).to(token.dtype)
-    c0, h0 = state if state is not None else model.zero_state(B)
-
-    def gather(x, index):
-        return x.gather(1, index.unsqueeze(2).expand(-1, -1, x.shape[2]))
-
-    per_dir, cs, hs = [], [], []
-    rev = reverse_index(lengths, T)
-    for d in range(model.n_dirs):
-        x = token if d == 0 else gather(token, rev)
-        outs, c, h = model.run_direction(d, x, valid, c0[d], h0[d])
-        per_dir.append(outs if d == 0 else [gather(y, rev) for y in outs])
-        cs.append(c)
-        hs.append(h)
-    layers = [torch.cat([token] * model.n_dirs, dim=2)]
-    layers += [torch.cat([outs[l] for outs in per_dir], dim=2) for l in range(model.n_layers)]
-    return {"token_embedding": token, "layers": layers, "mask": mask,
-            "state": (torch.stack(cs), torch.stack(hs))}
-
-
 class TokenEmbeddingCache:
     """The char-CNN output of a vocabulary, computed once (bilm-tf `dump_token_embeddings`).
 
@@ -362,18 +335,13 @@ def _run(model: BiLM, initial: InitialState, batch: list[list[str]],
          token_cache: Optional[TokenEmbeddingCache] = None) -> dict:
     """One biLM run over token lists with boundaries added; the state policy applied."""
     device = _device_of(model)
-    if not batch:  # BiLM.forward cannot reshape an empty batch; nothing to run
-        P = model.proj_dim
-        token = torch.zeros(0, 2, P, device=device)
-        return {"token_embedding": token, "layers": [token.new_zeros(0, 2, 2 * P)] *
-                (model.n_layers + 1), "mask": torch.zeros(0, 2, dtype=torch.bool, device=device)}
+    state = initial.read(len(batch))
     if token_cache is not None:
         ids = token_cache.token_ids(batch).to(device)
-        out = bilm_from_token_embedding(model, token_cache.lookup(ids), ids > 0,
-                                        initial.read(len(batch)))
+        out = model(state=state, token_embedding=token_cache.lookup(ids), mask=ids > 0)
     else:
-        ids = batch_to_ids(batch, model.options.char_cnn.max_characters_per_token).to(device)
-        out = model(ids, initial.read(len(batch)))
+        out = model(batch_to_ids(batch, model.options.char_cnn.max_characters_per_token).to(device),
+                    state)
     initial.write(out["state"])
     return out
 
@@ -537,11 +505,8 @@ class Elmo(nn.Module):
         lead = inputs.shape[:-2]
         ids = inputs.reshape(-1, *inputs.shape[-2:]).to(_device_of(self.bilm))
         with torch.set_grad_enabled(self.requires_grad and torch.is_grad_enabled()):
-            if ids.shape[0] == 0:
-                out = _run(self.bilm, self.initial_state, [])
-            else:
-                out = self.bilm(add_sentence_boundaries(ids), self.initial_state.read(ids.shape[0]))
-                self.initial_state.write(out["state"])
+            out = self.bilm(add_sentence_boundaries(ids), self.initial_state.read(ids.shape[0]))
+        self.initial_state.write(out["state"])
         mask = out["mask"]
         reps = []
         for mix in self.scalar_mixes:
@@ -773,7 +738,11 @@ def embed_file(embedder: ElmoEmbedder, input_file: str | os.PathLike, output_fil
     out_dir = os.path.dirname(os.path.abspath(output_file))
     if not os.path.isdir(out_dir):
         raise ElmoError(f"{output_file}: folder {out_dir} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(output_file)}.", suffix=".tmp", dir=out_dir)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(output_file)}.", suffix=".tmp",
+                                   dir=out_dir)
+    except OSError as e:
+        raise ElmoError(f"{output_file}: cannot write in {out_dir} ({e.strerror})") from None
     os.close(fd)
     np_dtype = np.float16 if dtype == "float16" else np.float32
     try:
@@ -831,7 +800,8 @@ def cli_embed(args) -> int:
     max_tokens = None if args.max_tokens == 0 else args.max_tokens
     n = embedder.embed_file(args.input, args.output, layers=args.layers,
                             batch_size=args.batch_size, dtype=args.dtype,
-                            max_tokens=max_tokens, warn=warn)
+                            max_tokens=max_tokens, warn=warn,
+                            progress=False if args.no_progress else None)
     print(f"embedded {n} lines -> {args.output} ({args.layers}, {args.dtype}, state {state})",
           file=sys.stderr)
     return 0

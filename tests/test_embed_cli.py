@@ -1,0 +1,172 @@
+"""`elmo embed`: the fixture through the CLI, the output format, ordering, windows, bad input."""
+import json
+
+import h5py
+import numpy as np
+import pytest
+
+from torch_elmo import ElmoEmbedder, ElmoError, load_bilm
+from torch_elmo.cli import main
+from torch_elmo.embed import embed_file, token_windows
+
+from test_embed import _expected, _fixture_batches
+
+
+def _run(capsys, *argv) -> tuple[int, str]:
+    rc = main(["embed", *map(str, argv)])
+    return rc, capsys.readouterr().err
+
+
+def _read(path) -> dict:
+    with h5py.File(path) as f:
+        index = json.loads(f["sentence_to_index"][0])
+        return {k: f[k][...] for k in f if k != "sentence_to_index"}, index
+
+
+def test_cli_carry_reproduces_the_fixture(fixture_model_dir, tmp_path, capsys):
+    d = fixture_model_dir
+    flat = [s for batch in _fixture_batches(d) for s in batch]     # i-major, k-minor
+    (tmp_path / "in.txt").write_text("\n".join(" ".join(s) for s in flat) + "\n")
+    rc, err = _run(capsys, "--model", d, "--input", tmp_path / "in.txt", "--output",
+                   tmp_path / "out.hdf5", "--state", "carry", "--batch-size", 3)
+    assert rc == 0, err
+    data, index = _read(tmp_path / "out.hdf5")
+    assert sorted(data, key=int) == [str(i) for i in range(30)]
+    for i in range(10):
+        for k in range(3):
+            got = data[str(3 * i + k)]
+            assert got.shape == (3, len(flat[3 * i + k]), 32) and got.dtype == np.float32
+            assert np.allclose(got[2], _expected(d, k, i), atol=1e-6), (i, k)
+    assert index[" ".join(flat[4])] == "4"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "out.hdf5"]  # no temp file
+
+
+@pytest.mark.parametrize("state", ["zero", "warm"])
+def test_sorted_states_write_input_order(fixture_model_dir, tmp_path, capsys, state):
+    d = fixture_model_dir
+    flat = [s for batch in _fixture_batches(d) for s in batch][:12]
+    lines = [" ".join(s) for s in flat]
+    lines.insert(5, "")                                             # an empty line
+    (tmp_path / "in.txt").write_text("\n".join(lines) + "\n")
+    rc, err = _run(capsys, "--model", d, "--input", tmp_path / "in.txt", "--output",
+                   tmp_path / "out.hdf5", "--state", state, "--batch-size", 4, "--layers", "top")
+    assert rc == 0, err
+    data, index = _read(tmp_path / "out.hdf5")
+    alone = ElmoEmbedder(d / "options.json", d / "lm_weights.hdf5", state=state)
+    for i, line in enumerate(lines):
+        want = alone.embed_sentence(line.split())[2]
+        assert data[str(i)].shape == (len(line.split()), 32)
+        assert np.allclose(data[str(i)], want, atol=1e-5), i
+    assert data["5"].shape == (0, 32) and index[""] == "5"
+
+
+def test_layers_dtype_and_empty_lines(fixture_model_dir, tmp_path, capsys):
+    d = fixture_model_dir
+    (tmp_path / "in.txt").write_text("a b c\n\n   \nd e\n")
+    out = {}
+    for layers in ("all", "top", "average"):
+        for dtype in ("float32", "float16"):
+            path = tmp_path / f"{layers}-{dtype}.hdf5"
+            rc, err = _run(capsys, "--model", d, "--input", tmp_path / "in.txt", "--output", path,
+                           "--layers", layers, "--dtype", dtype, "--state", "zero")
+            assert rc == 0, err
+            out[layers, dtype] = _read(path)[0]
+    full = out["all", "float32"]
+    assert full["0"].shape == (3, 3, 32) and full["1"].shape == (3, 0, 32)
+    assert full["2"].shape == (3, 0, 32) and full["3"].shape == (3, 2, 32)
+    assert np.array_equal(out["top", "float32"]["0"], full["0"][2])
+    assert np.allclose(out["average", "float32"]["3"], full["3"].mean(axis=0), atol=1e-6)
+    half = out["all", "float16"]
+    assert half["0"].dtype == np.float16 and half["1"].shape == (3, 0, 32)
+    assert np.allclose(half["0"], full["0"], atol=2e-3, rtol=1e-3)
+
+
+def test_token_windows_tile_and_overlap():
+    assert token_windows(10, None) == [(0, 10, 0, 10)]
+    assert token_windows(10, 10) == [(0, 10, 0, 10)]
+    for n, w in [(11, 10), (5000, 1000), (37, 8), (9, 4), (7, 1), (100, 3)]:
+        wins = token_windows(n, w)
+        kept = [i for _, _, a, b in wins for i in range(a, b)]
+        assert kept == list(range(n)), (n, w)                     # exact tiling
+        m = w // 4
+        for start, end, a, b in wins:
+            assert end - start <= w and start <= a < b <= end
+            assert a - start >= m or start == 0                    # context on the left
+            assert end - b >= m or end == n                        # and on the right
+
+
+def test_long_line_is_windowed(fixture_model_dir, tmp_path, capsys):
+    d = fixture_model_dir
+    words = "the cat sat on a mat and then it ran off".split()
+    long_line = " ".join(words[i % len(words)] for i in range(5000))
+    (tmp_path / "in.txt").write_text(f"short one\n{long_line}\nlast\n")
+    rc, err = _run(capsys, "--model", d, "--input", tmp_path / "in.txt", "--output",
+                   tmp_path / "out.hdf5", "--max-tokens", 400, "--state", "warm",
+                   "--layers", "top")
+    assert rc == 0, err
+    data, _ = _read(tmp_path / "out.hdf5")
+    assert data["1"].shape == (5000, 32) and np.isfinite(data["1"]).all()
+    assert data["0"].shape == (2, 32) and data["2"].shape == (1, 32)
+    # the first window's kept part equals embedding the first 400 tokens alone
+    bilm = load_bilm(d / "options.json", d / "lm_weights.hdf5")
+    first = ElmoEmbedder(model=bilm, state="warm").embed_sentence(long_line.split()[:400])[2]
+    assert np.allclose(data["1"][:300], first[:300], atol=1e-5)
+
+
+def test_binary_junk_is_decoded_with_a_warning(fixture_model_dir, tmp_path, capsys):
+    d = fixture_model_dir
+    junk = bytes(b for b in range(256) if b != 10) * 3           # one line, invalid UTF-8
+    (tmp_path / "in.txt").write_bytes(b"ok line\n" + junk + b"\n\xff\xfe tail\nfine\n")
+    rc, err = _run(capsys, "--model", d, "--input", tmp_path / "in.txt", "--output",
+                   tmp_path / "out.hdf5", "--state", "zero")
+    assert rc == 0, err
+    warning = [line for line in err.splitlines() if "warning" in line]
+    assert len(warning) == 1 and "in.txt:2: not valid UTF-8" in warning[0]
+    data, _ = _read(tmp_path / "out.hdf5")
+    n_lines = (b"ok line\n" + junk + b"\n\xff\xfe tail\nfine\n").count(b"\n")
+    assert sorted(data, key=int) == [str(i) for i in range(n_lines)]
+    assert all(np.isfinite(v).all() for v in data.values())
+
+
+def test_bad_model_and_paths_are_one_line_errors(fixture_model_dir, tmp_path, capsys):
+    d = fixture_model_dir
+    (tmp_path / "in.txt").write_text("a b\n")
+    out = tmp_path / "out.hdf5"
+    rc, err = _run(capsys, "--model", tmp_path / "none", "--input", tmp_path / "in.txt",
+                   "--output", out)
+    assert rc == 2 and err.count("\n") == 1 and "not a pretrained name" in err
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / "options.json").write_bytes((d / "options.json").read_bytes())
+    (half / "weights.hdf5").write_bytes((d / "lm_weights.hdf5").read_bytes()[:5000])
+    rc, err = _run(capsys, "--model", half, "--input", tmp_path / "in.txt", "--output", out)
+    assert rc == 2 and err.count("\n") == 1 and "truncated" in err, err
+    rc, err = _run(capsys, "--model", d, "--input", tmp_path / "missing.txt", "--output", out)
+    assert rc == 2 and err.count("\n") == 1 and "input file not found" in err
+    rc, err = _run(capsys, "--model", d, "--input", tmp_path / "in.txt", "--output",
+                   tmp_path / "no" / "dir" / "out.hdf5")
+    assert rc == 2 and err.count("\n") == 1 and "does not exist" in err
+    assert not out.exists()
+
+
+def test_interrupted_embedding_leaves_no_output(fixture_model_dir, tmp_path, monkeypatch):
+    d = fixture_model_dir
+    (tmp_path / "in.txt").write_text("a b\nc d\ne f\n")
+    out = tmp_path / "out.hdf5"
+    out.write_bytes(b"previous result")
+    emb = ElmoEmbedder(d / "options.json", d / "lm_weights.hdf5", state="zero")
+    calls = []
+
+    def boom(batch):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return ElmoEmbedder.embed_batch(emb, batch)
+
+    monkeypatch.setattr(emb, "embed_batch", boom)
+    with pytest.raises(KeyboardInterrupt):
+        embed_file(emb, tmp_path / "in.txt", out, batch_size=1)
+    assert out.read_bytes() == b"previous result"                   # untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "out.hdf5"]
+    with pytest.raises(ElmoError, match="layers must be"):
+        embed_file(emb, tmp_path / "in.txt", out, layers="middle")
