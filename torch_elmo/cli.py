@@ -151,8 +151,11 @@ def _ner_parser(p: argparse.ArgumentParser) -> Callable:
 
 
 def _quickstart_parser(p: argparse.ArgumentParser) -> Callable:
-    p.add_argument("--work-dir", default="quickstart")
-    p.add_argument("--minutes", type=float, default=5.0, help="training budget")
+    p.add_argument("--work-dir", default="quickstart",
+                   help="where the corpus files, the run and the exported model go")
+    p.add_argument("--minutes", type=float, default=5.0, help="training budget (default 5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     from . import quickstart
     return quickstart.cli_quickstart
 
