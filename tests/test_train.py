@@ -375,7 +375,11 @@ def test_empty_training_file(capsys, corpus):
     (tmp / "empty.txt").write_text("")
     rc, _, err = _run_cli(capsys, _cli_train(str(tmp / "empty.txt"), vocab, str(tmp / "r"), opts))
     assert rc == 2
-    assert "empty" in _error_line(err) and "empty.txt" in err
+    assert "empty.txt: file is empty" in _error_line(err)
+    (tmp / "blank.txt").write_text("\n  \n\n")
+    rc, _, err = _run_cli(capsys, _cli_train(str(tmp / "blank.txt"), vocab, str(tmp / "r"), opts))
+    assert rc == 2
+    assert "blank.txt" in _error_line(err) and "no tokens" in err
 
 
 def test_blank_lines_are_skipped(capsys, corpus):
@@ -466,3 +470,16 @@ def test_preset_defaults_are_section_9(capsys, corpus, monkeypatch):
     o = seen.pop("o")
     assert (o.batch_size, o.unroll_steps, o.n_negative_samples_batch, o.learning_rate,
             o.all_clip_norm_val, o.dropout) == (8, 5, 64, 0.1, 1.0, 0.0)
+
+
+def test_fractional_epochs_max_tokens_and_bf16(train_data, tmp_path):
+    data_file, vocab_file = train_data
+    vocab = Vocabulary.read(vocab_file)
+    opts = Options.from_dict(bilm_tf_options(True))
+    train(opts, vocab, [data_file], str(tmp_path / "a"), epochs=0.5, progress=False)
+    assert load_checkpoint(str(tmp_path / "a"))["step"] == 3           # floor(0.5 x 6)
+    train(opts, vocab, [data_file], str(tmp_path / "b"), max_tokens=50, progress=False)
+    assert load_checkpoint(str(tmp_path / "b"))["step"] == 3           # 20 tokens a batch
+    rec = train(opts, vocab, [data_file], str(tmp_path / "c"), epochs=1, bf16=True,
+                log_every=1, progress=False)
+    assert rec["step"] == 6 and math.isfinite(rec["train_loss"])

@@ -438,8 +438,8 @@ def plot_perplexity(metrics: list[dict], path: str) -> bool:
     if held:
         t, f, b, a = zip(*held)
         ax.plot(t, a, "o-", label="held-out average (full softmax)", color="tab:blue")
-        ax.plot(t, f, "--", label="held-out forward", color="tab:green", lw=1)
-        ax.plot(t, b, "--", label="held-out backward", color="tab:orange", lw=1)
+        ax.plot(t, f, ".--", label="held-out forward", color="tab:green", lw=1)
+        ax.plot(t, b, ".--", label="held-out backward", color="tab:orange", lw=1)
     ax.set_xlabel("training tokens")
     ax.set_ylabel("perplexity")
     if train or held:
@@ -531,11 +531,17 @@ def train(options: Options, vocab: Vocabulary, train_files: list[str], save_dir:
             n_train_tokens = int(ckpt["run"]["n_train_tokens"])
     if n_train_tokens is None:
         n_train_tokens = options.n_train_tokens
+    # the stream first: it refuses empty files / bad settings with its own one-line messages
+    stream = data.LMBatchStream(train_files, vocab, B, T,
+                                max_chars=options.char_cnn.max_characters_per_token, seed=seed,
+                                shuffle=True, loop=True, bidirectional=options.bidirectional,
+                                rank=rank, world_size=world_size)
     counted = n_train_tokens is None
     if counted:  # reports bad lines once, up front; the stream's reports are then muted
         n_train_tokens = _sentence_count_check(train_files, vocab)
     if n_train_tokens <= 0:
-        raise ElmoError(f"the training files contain no tokens ({', '.join(train_files[:3])}...)")
+        raise ElmoError(f"{', '.join(train_files[:3])}{' ...' if len(train_files) > 3 else ''}: "
+                        f"no tokens (only blank or undecodable lines)")
     options = options.replace(n_train_tokens=int(n_train_tokens))
     per_epoch = updates_per_epoch(n_train_tokens, B, T, world_size)
     total_steps = int(math.floor(epochs * per_epoch))
@@ -573,12 +579,8 @@ def train(options: Options, vocab: Vocabulary, train_files: list[str], save_dir:
                           f"training with the full softmax")
         else:
             sampler = LogUniformSampler(V, seed=seed * 1000 + 17 + rank)
-    stream = data.LMBatchStream(train_files, vocab, B, T,
-                                max_chars=options.char_cnn.max_characters_per_token, seed=seed,
-                                shuffle=True, loop=True, bidirectional=options.bidirectional,
-                                rank=rank, world_size=world_size)
     state = lm.zero_state(B)
-    step, tokens, elapsed = 0, 0, 0.0
+    step, tokens, elapsed, step_time = 0, 0, 0.0, 0.0   # step_time: seconds in updates only
     if ckpt is not None:
         lm.bilm.load_state_dict(ckpt["model"])
         with torch.no_grad():
@@ -591,6 +593,7 @@ def train(options: Options, vocab: Vocabulary, train_files: list[str], save_dir:
             sampler.load_state_dict(ckpt["sampler"])
         _set_rng_state(ckpt["rng"])
         step, tokens, elapsed = int(ckpt["step"]), int(ckpt["tokens"]), float(ckpt["elapsed"])
+        step_time = float(ckpt["step_time"])
     metrics = _read_metrics(metrics_path, max_step=step) if is_main and ckpt is not None else []
     if is_main:
         os.makedirs(save_dir, exist_ok=True)
@@ -612,7 +615,7 @@ def train(options: Options, vocab: Vocabulary, train_files: list[str], save_dir:
             "rng": _rng_state(device),
             "sampler": sampler.state_dict() if sampler is not None else None,
             "data": stream.state_dict(),
-            "step": step, "tokens": tokens, "elapsed": elapsed,
+            "step": step, "tokens": tokens, "elapsed": elapsed, "step_time": step_time,
             "window": {"loss": window_loss, "n": window_n},  # the next log line's average
             "options": json.dumps(training_options_dict(options)),
             "vocab": {"path": os.path.abspath(vocab_path or vocab.source), "size": V,
@@ -707,6 +710,7 @@ def train(options: Options, vocab: Vocabulary, train_files: list[str], save_dir:
             window_n += 1
             window_tokens += int(batch["n_tokens"]) * world_size
             window_time += now - t0
+            step_time += now - t0
             reason = stop_reason() or ("interrupted (Ctrl-C); continue with --resume"
                                        if interrupted else None)
             if not is_main:
