@@ -199,7 +199,7 @@ def train(work: Path, minutes: float, seed: int = 0):
         nn.utils.clip_grad_norm_(params, 10.0)
         opt.step()
         step += 1
-        log.append(float(loss))
+        log.append(float(loss.detach()))
         if step % 100 == 0:
             print(f"  step {step}  train ppl {math.exp(np.mean(log[-100:])):.1f}  "
                   f"{time.time() - t0:.0f}s", flush=True)
@@ -213,6 +213,33 @@ def train(work: Path, minutes: float, seed: int = 0):
 
 
 # ------------------------------------------------------------------------------------- part B
+@torch.no_grad()
+def training_style_ppl(model: BiLM, softmax: nn.Linear, targets: list, sentences,
+                       batches: int = 40, B: int = 16, T: int = 20) -> list[float]:
+    """Sanity line: held-out perplexity per direction the way the LM was trained (packed
+    streams, carried state), so a broken direction shows before its numbers are read."""
+    words = Words([], 0)
+    words.targets, words.tid = targets, {w: i for i, w in enumerate(targets)}
+    for w in {w for s in sentences for w in s}:
+        words.add(w)
+    table = words.char_table()
+    gens = [packed_rows(sentences, words, B, T, d == 1, random.Random(1)) for d in range(2)]
+    c, h = model.zero_state(B)
+    nll = [[], []]
+    valid = torch.ones(B, T, dtype=torch.bool)
+    for step in range(batches):
+        cs, hs = [], []
+        for d in range(2):
+            x, y = next(gens[d])
+            outs, c_d, h_d = model.run_direction(d, model.char_cnn(table[x]), valid, c[d], h[d])
+            if step >= 5:   # after a few batches of warm-up, as run_test's carried state
+                nll[d].append(F.cross_entropy(softmax(outs[-1]).reshape(B * T, -1), y.reshape(-1)))
+            cs.append(c_d)
+            hs.append(h_d)
+        c, h = torch.stack(cs), torch.stack(hs)
+    return [math.exp(torch.stack(v).mean()) for v in nll]
+
+
 def _context_state(model: BiLM, contexts: list[list[list[str]]], d: int):
     """Final (c, h) of direction d after reading each row's context sentences training-style."""
     seqs = []
@@ -282,7 +309,9 @@ def part_b(work: Path, n_sentences: int, seed: int = 0) -> dict:
     modes = {"zero": lambda b: model.zero_state(b), "warm": warm(WARMUP_TEXT)}
     for k, text in enumerate(alt_texts):
         modes[f"warm-alt{k}"] = warm(text)
-    results, ref_vecs = {}, []
+    sanity = training_style_ppl(model, softmax, targets,
+                                [s for a in _articles(WIKI / "test.txt") for s in a])
+    results, ref_vecs = {"_training_style_ppl": sanity}, []
     for batch in batches:
         ref_vecs.append(score(batch, ctx_state(batch))[3])
     for name in ["context", *modes, "carry"]:
@@ -345,6 +374,9 @@ def main(argv=None) -> int:
     ck = torch.load(work / "softmax.pt", weights_only=True)
     print(f"Part B: small biLM ({ck['steps']} steps, {ck['tokens']:,} tokens per direction)")
     res, n = part_b(work, args.sentences)
+    fwd, bwd = res.pop("_training_style_ppl")
+    print(f"  held-out perplexity read training-style (packed, carried state): forward {fwd:.1f}, "
+          f"backward {bwd:.1f}")
     print(f"  {n} held-out wikitext-2 test sentences; perplexity (mean of fwd/bwd cross-entropy) "
           f"and top-layer drift from the real-context vectors")
     print(f"  {'state':22s} {'ppl w1':>8s} {'ppl w1-3':>9s} {'ppl sent':>9s} "

@@ -48,6 +48,19 @@ def test_hub_call_shapes_default_and_zero_padding(fixture_model_dir):
     assert elmo(["A b"], as_dict=False).shape == (1, 2 * P)
 
 
+def test_hub_layer_norm_uses_real_tokens_only(fixture_model_dir):
+    elmo = load(fixture_model_dir, state="zero", do_layer_norm=True)
+    out = elmo(["Nothing suits me like suit", "A b"])
+    mask = out["mask"]
+    assert torch.all(out["elmo"][~mask] == 0)
+    layers = [out["word_emb"].repeat(1, 1, 2), out["lstm_outputs1"], out["lstm_outputs2"]]
+    want = 0
+    for x in layers:
+        vals = x[mask]                                          # (n_real, 2P)
+        want = want + (x - vals.mean()) / torch.sqrt(vals.var(unbiased=False) + 1e-12) / 3
+    assert torch.allclose(out["elmo"][mask], want[mask], atol=1e-5)
+
+
 def test_hub_call_forms_agree(fixture_model_dir):
     elmo = load(fixture_model_dir, state="zero")
     a = elmo(["the cat sat", "a dog"])

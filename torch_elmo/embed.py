@@ -189,8 +189,8 @@ class InitialState:
             self.buffer.reset()
 
 
-# ------------------------------------------------------------------ boundaries, token-id stacking
-def add_sentence_boundaries(ids: torch.Tensor, max_chars: Optional[int] = None) -> torch.Tensor:
+# --------------------------------------------------------------------------------- boundaries
+def add_sentence_boundaries(ids: torch.Tensor) -> torch.Tensor:
     """allennlp's step: char ids (B, T, C) of right-padded sentences WITHOUT boundaries ->
     (B, T+2, C) with `<S>` at 0 and `</S>` right after each row's own last token (section 7).
     An all-padding row becomes `<S> </S>`."""
@@ -565,16 +565,19 @@ class ElmoModel(nn.Module):
         batch = self._batch(strings, tokens, sequence_len, inputs, signature)
         with torch.set_grad_enabled(self.requires_grad and torch.is_grad_enabled()):
             out = _run(self.bilm, self.initial_state, batch)
-        mask = out["mask"]
-        elmo, new_mask = remove_sentence_boundaries(self.scalar_mix(out["layers"], mask), mask)
-        lengths = new_mask.sum(dim=1)
+        # boundaries removed first, then mixed: bilm-tf's weight_layers (layer-norm statistics
+        # over the real tokens only; allennlp's Elmo below includes <S>/</S> in them)
+        layers = [remove_sentence_boundaries(x, out["mask"])[0] for x in out["layers"]]
+        mask = remove_sentence_boundaries(out["layers"][0], out["mask"])[1]
+        elmo = self.scalar_mix(layers, mask) * mask.unsqueeze(2).to(layers[0].dtype)
+        lengths = mask.sum(dim=1)
         default = elmo.sum(dim=1) / lengths.clamp(min=1).unsqueeze(1).to(elmo.dtype)
-        result = {"elmo": elmo, "default": default,
-                  "word_emb": remove_sentence_boundaries(out["token_embedding"], mask)[0]}
+        P = self.bilm.proj_dim
+        result = {"elmo": elmo, "default": default, "word_emb": layers[0][..., :P]}
         for l in range(1, self.bilm.n_layers + 1):
-            result[f"lstm_outputs{l}"] = remove_sentence_boundaries(out["layers"][l], mask)[0]
+            result[f"lstm_outputs{l}"] = layers[l]
         result["sequence_len"] = lengths
-        result["mask"] = new_mask
+        result["mask"] = mask
         return result if as_dict else default
 
     @staticmethod
