@@ -382,6 +382,15 @@ def test_empty_training_file(capsys, corpus):
     assert "blank.txt" in _error_line(err) and "no tokens" in err
 
 
+def test_heldout_too_small_for_its_batch_size(capsys, corpus):
+    tmp, data_file, vocab, opts = corpus
+    rc, _, err = _run_cli(capsys, _cli_train(data_file, vocab, str(tmp / "r"), opts,
+                                             "--heldout", data_file))   # 5 sentences, 256 rows
+    assert rc == 2
+    assert "--heldout-batch-size" in _error_line(err)
+    assert not (tmp / "r" / "checkpoint.pt").exists()
+
+
 def test_blank_lines_are_skipped(capsys, corpus):
     tmp, data_file, vocab, opts = corpus
     text = open(data_file).read()

@@ -56,8 +56,8 @@ def perplexity(lm, stream: Iterable[dict], max_batches: Optional[int] = None,
     finally:
         lm.train(was_training)
     if n_batches == 0:
-        raise ElmoError("the held-out data gave no complete batch (empty files, or fewer "
-                        "tokens than --batch-size)")
+        raise ElmoError("the held-out data gave no complete batch (blank files, or fewer "
+                        "sentences than the batch size: every row reads its own sentences)")
     means = [s / n_batches for s in sums]
     avg = sum(means) / len(means)
     return {"forward": math.exp(means[0]),

@@ -626,6 +626,14 @@ def train(options: Options, vocab: Vocabulary, train_files: list[str], save_dir:
         }, ckpt_path)
 
     n_evals = []
+    if heldout_files is not None and is_main:   # fail now, not after hours of training
+        probe = data.LMBatchStream(heldout_files, vocab, heldout_batch_size, 1,
+                                   max_chars=options.char_cnn.max_characters_per_token,
+                                   shuffle=False, loop=False, bidirectional=options.bidirectional)
+        if probe.next_batch() is None:
+            raise ElmoError(f"--heldout: no complete batch of {heldout_batch_size} rows (fewer "
+                            f"sentences than --heldout-batch-size?)")
+        n_evals.append(0)   # the probe reported the held-out files' warnings; evals stay quiet
 
     def evaluate_heldout() -> dict:
         with warnings.catch_warnings():
@@ -760,6 +768,8 @@ def train(options: Options, vocab: Vocabulary, train_files: list[str], save_dir:
         checkpoint()
         plot_perplexity(metrics, os.path.join(save_dir, PLOT))
         print(f"stopped: {reason}; checkpoint {ckpt_path}", flush=True)
+    if interrupted:
+        raise KeyboardInterrupt   # after the checkpoint: `elmo train` exits 130
     return record
 
 
