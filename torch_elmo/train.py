@@ -597,6 +597,9 @@ def train(options: Options, vocab: Vocabulary, train_files: list[str], save_dir:
     metrics = _read_metrics(metrics_path, max_step=step) if is_main and ckpt is not None else []
     if is_main:
         os.makedirs(save_dir, exist_ok=True)
+        for name in os.listdir(save_dir):   # temp files of a checkpoint cut by a kill
+            if name.startswith(f"{CHECKPOINT}.tmp."):
+                os.remove(os.path.join(save_dir, name))
         with open(metrics_path, "w", encoding="utf-8") as f:  # drop lines newer than the checkpoint
             f.writelines(json.dumps(m) + "\n" for m in metrics)
         with open(os.path.join(save_dir, OPTIONS), "w", encoding="utf-8") as f:
