@@ -828,6 +828,9 @@ def cli_train(args) -> int:
             raise ElmoError("--nproc > 1 (multi-process training) is not available yet")
         if args.epochs is not None and args.epochs <= 0:
             raise ElmoError(f"--epochs must be > 0, got {args.epochs:g}")
+        for flag in ("log_every", "eval_every", "checkpoint_every", "heldout_batch_size"):
+            if getattr(args, flag, 1) < 1:
+                raise ElmoError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
         device = resolve_device(args.device)
         train_files = data.expand_glob(args.train)
         heldout_files = data.expand_glob(args.heldout) if args.heldout else None
