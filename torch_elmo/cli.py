@@ -56,7 +56,13 @@ def _train_parser(p: argparse.ArgumentParser) -> Callable:
                    help="batch size of held-out evaluations (unroll 1, as `elmo test`)")
     p.add_argument("--n-train-tokens", type=int, default=None,
                    help="tokens per epoch (default: counted from --train, or the options' value)")
-    p.add_argument("--nproc", type=int, default=None, help="shortcut for torchrun --nproc_per_node")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="processes on this machine: runs `torchrun --standalone --nproc_per_node "
+                        "N -m torch_elmo train ...` (batch size is per process)")
+    p.add_argument("--dist-timeout", type=float, default=600.0,
+                   help="seconds a rank waits for the others in a collective before it stops "
+                        "with an error (several processes only; must exceed a held-out "
+                        "evaluation, which the other ranks wait for)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (CPU or GPU)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true")

@@ -17,6 +17,16 @@ The backward stream from data.py is already reversed (`</S> wn .. w1`), so the b
 reads it left to right with no per-row reversal. Checkpoints (`save_dir/checkpoint.pt`) hold
 everything needed to continue bit for bit: model, softmax, optimizer, carried LSTM states, every
 RNG, the data-stream position and the counters; they load with torch.load(weights_only=True).
+
+Several processes (torchrun, PyTorch's launcher; `elmo train --nproc N` starts it): rank r streams
+its own disjoint part of the data (LMBatchStream rank/world_size) with batch B, so the global batch
+is B x world_size and an epoch has world_size times fewer updates. After backward the gradients
+are averaged over ranks in ONE flattened all-reduce (`all_reduce_gradients`), then clipped and
+applied by every rank identically, so every update equals one process's update with the global
+batch (bilm-tf averages its towers' gradients the same way; each tower's loss is a mean over its
+B x T positions, so the average of the towers' means is the mean over the global batch). The
+negatives of the sampled softmax are one set per step shared by all ranks; rank 0 logs,
+evaluates and writes the checkpoint, which holds every rank's data position, LSTM state and RNGs.
 """
 from __future__ import annotations
 
@@ -31,7 +41,8 @@ import threading
 import time
 import warnings
 from contextlib import nullcontext
-from typing import Optional
+from datetime import timedelta
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -230,18 +241,84 @@ def clip_by_global_norm(params: list[torch.Tensor], clip_norm: float) -> float:
     return float(norm)
 
 
-def all_reduce_gradients(params: list[torch.Tensor], world_size: int) -> None:
+def all_reduce_gradients(params: list[torch.Tensor], world_size: int,
+                         extra: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """THE place where gradients of all ranks are averaged (bilm-tf averages tower gradients
-    before clipping). A no-op for one process; with torch.distributed initialised it averages."""
+    before clipping). A no-op for one process. With torch.distributed initialised, every
+    gradient and `extra` (a small float vector riding along: the loss, the stop flags) go into
+    ONE flat buffer and ONE all-reduce (sum, then / world_size); returns the averaged `extra`.
+
+    Why not DistributedDataParallel: a step here is not one module forward (two direction passes
+    share one char-CNN call, the LSTM backward is a hand-written autograd.Function, the sampled
+    softmax runs outside the module), and DDP's gain, overlapping bucketed all-reduces with the
+    backward pass, needs the same flat gradients anyway; an explicit all-reduce after backward
+    keeps the step one plain function, lets the loss and the stop decision travel in the same
+    message (no extra collective per step), and is easy to check against one process."""
     if world_size <= 1:
-        return
+        return extra
     import torch.distributed as dist
     if not dist.is_initialized():
         raise ElmoError("world_size > 1 needs torch.distributed to be initialised (use torchrun)")
-    for p in params:
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad.div_(world_size)
+    grads = [p.grad for p in params if p.grad is not None]
+    parts = [g.reshape(-1) for g in grads]                     # each (numel,)
+    if extra is not None:
+        parts.append(extra.to(device=parts[0].device if parts else extra.device,
+                              dtype=parts[0].dtype if parts else extra.dtype).reshape(-1))
+    flat = torch.cat(parts)                                    # (sum of numels + len(extra),)
+    dist.all_reduce(flat)
+    flat.div_(world_size)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+    return flat[offset:].cpu() if extra is not None else None
+
+
+def _collective(rank: int, fn: Callable):
+    """Run one torch.distributed call; a peer that died or hung (the socket closed, the
+    --dist-timeout expired) becomes one line instead of a C++ trace."""
+    try:
+        return fn()
+    except Exception as e:   # RuntimeError / DistBackendError from gloo or NCCL
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        if len(first) > 160:
+            first = first[:157] + "..."
+        raise ElmoError(f"rank {rank} lost contact with the group ({type(e).__name__}: {first})"
+                        ) from None
+
+
+class _ConcatStreams:
+    """k LMBatchStreams (ranks 0..k-1 of a world of k) read as ONE stream whose batch is theirs
+    concatenated along rows: rank 0's rows, then rank 1's, ...  With it one process sees exactly
+    the rows a k-process run sees in one step (train(_emulate_world_size=k)), which is how the
+    equivalence of k processes and one process with the global batch is tested."""
+
+    def __init__(self, streams: list):
+        self.streams = streams
+
+    def __iter__(self):
+        its = [iter(s) for s in self.streams]
+        while True:
+            parts = []
+            for it in its:
+                b = next(it, None)
+                if b is None:
+                    return
+                parts.append(b)
+            out = {k: torch.cat([b[k] for b in parts], dim=0)          # (k * B, T[, C])
+                   for k in parts[0] if torch.is_tensor(parts[0][k])}
+            out["n_tokens"] = sum(int(b["n_tokens"]) for b in parts)
+            yield out
+
+    def state_dict(self) -> dict:
+        return {"format": "torch_elmo._ConcatStreams/1",
+                "streams": [s.state_dict() for s in self.streams]}
+
+    def load_state_dict(self, d: dict) -> None:
+        if d.get("format") != "torch_elmo._ConcatStreams/1" or len(d["streams"]) != len(self.streams):
+            raise ElmoError("data state does not match this stream (emulated world size differs)")
+        for s, sd in zip(self.streams, d["streams"]):
+            s.load_state_dict(sd)
 
 
 # ============================================================================ checkpoints & runs
@@ -331,7 +408,7 @@ def load_language_model(save_dir: str, device="cpu") -> tuple[LanguageModel, dic
 def _options_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     keys = []
     for k in sorted(set(a) | set(b)):
-        if not prefix and k in _STOPPING_KEYS:
+        if not prefix and (k in _STOPPING_KEYS or k == "n_gpus"):   # n_gpus: the world size
             continue
         va, vb = a.get(k), b.get(k)
         if isinstance(va, dict) and isinstance(vb, dict):
@@ -357,9 +434,7 @@ def check_resume_compatible(ckpt: dict, options: Options, vocab: Vocabulary, see
     if [os.path.abspath(f) for f in train_files] != list(run["train_files"]):
         raise ElmoError(f"--resume: the --train files differ from the checkpoint's "
                         f"({len(train_files)} now, {len(run['train_files'])} then)")
-    if int(run["world_size"]) != world_size:
-        raise ElmoError(f"--resume: world size {world_size} differs from the checkpoint's "
-                        f"{run['world_size']}")
+    # a different world size is allowed: train() re-shards the data and says so
 
 
 def resolve_init_from(path: str) -> tuple[Options, dict, Optional[dict], Optional[dict]]:
@@ -493,19 +568,30 @@ def train(options: Options, vocab: Vocabulary, train_files: list[str], save_dir:
           checkpoint_every: int = 1250, heldout_batch_size: int = 256,
           heldout_max_batches: Optional[int] = None, device: str | torch.device = "cpu",
           bf16: bool = False, progress: bool = True, rank: int = 0, world_size: int = 1,
-          vocab_path: Optional[str] = None) -> dict:
+          vocab_path: Optional[str] = None, _emulate_world_size: int = 1) -> dict:
     """Train (or continue training) a biLM; returns the last metrics record.
 
     `options` carries the model and the section-9 hyperparameters (batch_size, unroll_steps,
     n_negative_samples_batch, learning_rate, all_clip_norm_val, dropout, sample_softmax).
     Updates = epochs x floor(n_train_tokens / (batch_size x unroll_steps x world_size)), with
     n_train_tokens counted from the data unless given; max_tokens / max_time (seconds, whole
-    run including resumed parts) stop earlier. Only rank 0 logs, evaluates and checkpoints."""
+    run including resumed parts) stop earlier. Only rank 0 logs, evaluates and checkpoints.
+
+    world_size > 1: torch.distributed must be initialised (cli_train does it from torchrun's
+    environment); `options.batch_size` is the per-rank batch. `_emulate_world_size=k` (tests,
+    one process): the batch of `options.batch_size` rows is built from the k rank streams of a
+    k-process run, each of batch_size / k rows, so one process reproduces a k-process run."""
     from . import data
     from .evaluate import perplexity
 
     device = torch.device(device)
     is_main = rank == 0
+    dist_on = world_size > 1
+    if dist_on:
+        import torch.distributed as dist
+    k_emul = int(_emulate_world_size)
+    if k_emul > 1 and (dist_on or options.batch_size % k_emul):
+        raise ElmoError("_emulate_world_size needs one process and a batch divisible by it")
     B, T = options.batch_size, options.unroll_steps
     V = len(vocab)
     options = options.replace(n_tokens_vocab=V, n_gpus=world_size)
@@ -524,18 +610,37 @@ def train(options: Options, vocab: Vocabulary, train_files: list[str], save_dir:
     bar = None
     # ---------------------------------------------------------------- resume / init / new run
     ckpt = None
+    reshard = False       # resumed with another world size: the data is dealt out anew
+    data_seed = seed      # the seed of the data order (a re-shard draws a fresh order)
+    step_offset = 0       # updates a re-shard added to / removed from epochs x per_epoch
     if resume:
         ckpt = load_checkpoint(ckpt_path)
         check_resume_compatible(ckpt, options, vocab, seed, train_files, world_size, ckpt_path)
         if n_train_tokens is None:
             n_train_tokens = int(ckpt["run"]["n_train_tokens"])
+        data_seed = int(ckpt["run"].get("data_seed", seed))
+        step_offset = int(ckpt["run"].get("step_offset", 0))
+        reshard = int(ckpt["run"]["world_size"]) != world_size
+        if reshard:
+            # The saved per-rank positions describe another split of the files, which no rank of
+            # this world can continue; new streams with a fresh order (seed from the step, so
+            # the run does not replay the order it started with) re-deal every shard/line.
+            data_seed = seed + 1_000_003 * int(ckpt["step"])
     if n_train_tokens is None:
         n_train_tokens = options.n_train_tokens
     # the stream first: it refuses empty files / bad settings with its own one-line messages
-    stream = data.LMBatchStream(train_files, vocab, B, T,
-                                max_chars=options.char_cnn.max_characters_per_token, seed=seed,
-                                shuffle=True, loop=True, bidirectional=options.bidirectional,
-                                rank=rank, world_size=world_size)
+    if k_emul > 1:
+        stream = _ConcatStreams([
+            data.LMBatchStream(train_files, vocab, B // k_emul, T,
+                               max_chars=options.char_cnn.max_characters_per_token, seed=data_seed,
+                               shuffle=True, loop=True, bidirectional=options.bidirectional,
+                               rank=r, world_size=k_emul) for r in range(k_emul)])
+    else:
+        stream = data.LMBatchStream(train_files, vocab, B, T,
+                                    max_chars=options.char_cnn.max_characters_per_token,
+                                    seed=data_seed, shuffle=True, loop=True,
+                                    bidirectional=options.bidirectional,
+                                    rank=rank, world_size=world_size)
     counted = n_train_tokens is None
     if counted:  # reports bad lines once, up front; the stream's reports are then muted
         n_train_tokens = _sentence_count_check(train_files, vocab)
@@ -545,6 +650,12 @@ def train(options: Options, vocab: Vocabulary, train_files: list[str], save_dir:
     options = options.replace(n_train_tokens=int(n_train_tokens))
     per_epoch = updates_per_epoch(n_train_tokens, B, T, world_size)
     total_steps = int(math.floor(epochs * per_epoch))
+    if reshard:
+        # the steps done so far were of another global batch: count the tokens done in steps of
+        # this world's global batch, and plan the remaining updates from there
+        done = int(ckpt["tokens"]) // (B * T * world_size)
+        step_offset = int(ckpt["step"]) - done
+    total_steps += step_offset
     if total_steps <= 0 and max_tokens is None and max_time is None:
         raise ElmoError(f"{n_train_tokens} training tokens make no full batch of {B} x {T} "
                         f"tokens per epoch: lower --batch-size / --unroll-steps or add data")
@@ -578,7 +689,16 @@ def train(options: Options, vocab: Vocabulary, train_files: list[str], save_dir:
             warnings.warn(f"n_negative_samples_batch {n_samples} >= vocabulary size {V}: "
                           f"training with the full softmax")
         else:
-            sampler = LogUniformSampler(V, seed=seed * 1000 + 17 + rank)
+            # ONE set of negatives per step shared by all ranks (every rank's sampler has the same
+            # seed and draws once per direction per step): then the update is exactly the one of
+            # one process with the global batch (the tested equivalence), and a run's result
+            # does not depend on how many processes it had. bilm-tf's towers each drew their
+            # own set; with 8192 negatives per set the variance gained by distinct sets is small.
+            sampler = LogUniformSampler(V, seed=seed * 1000 + 17)
+    if dist_on and rank > 0:
+        # dropout masks must differ between ranks (they are different rows); rank 0 keeps the
+        # one-process stream. Model init above drew from the same seed on every rank.
+        torch.manual_seed(seed * 1000 + 7919 * rank)
     state = lm.zero_state(B)
     step, tokens, elapsed, step_time = 0, 0, 0.0, 0.0   # step_time: seconds in updates only
     if ckpt is not None:
@@ -587,13 +707,26 @@ def train(options: Options, vocab: Vocabulary, train_files: list[str], save_dir:
             lm.softmax_W.copy_(ckpt["softmax"]["W"])
             lm.softmax_b.copy_(ckpt["softmax"]["b"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        state = (ckpt["lstm_state"]["c"].to(device), ckpt["lstm_state"]["h"].to(device))
-        stream.load_state_dict(ckpt["data"])
         if sampler is not None:
             sampler.load_state_dict(ckpt["sampler"])
-        _set_rng_state(ckpt["rng"])
+        # this rank's part: data position, carried LSTM state, RNGs ("ranks" when world > 1)
+        mine = ckpt["ranks"][rank] if ckpt.get("ranks") and not reshard else ckpt
+        if not reshard:
+            state = (mine["lstm_state"]["c"].to(device), mine["lstm_state"]["h"].to(device))
+            stream.load_state_dict(mine["data"])
+            _set_rng_state(mine["rng"])
+        else:   # zero LSTM states for the new rows, per-rank dropout streams from the seed
+            torch.manual_seed(data_seed * 1000 + 7919 * rank)
         step, tokens, elapsed = int(ckpt["step"]), int(ckpt["tokens"]), float(ckpt["elapsed"])
         step_time = float(ckpt["step_time"])
+        if reshard:
+            log(f"resume: world size {ckpt['run']['world_size']} -> {world_size}: data re-sharded "
+                f"(new streams, fresh order), LSTM states reset; model, optimizer, sampler and "
+                f"counters kept")
+    if dist_on:   # the same start on every rank, whatever each one loaded
+        with torch.no_grad():
+            for p in lm.parameters():
+                _collective(rank, lambda: dist.broadcast(p.data, 0))
     metrics = _read_metrics(metrics_path, max_step=step) if is_main and ckpt is not None else []
     if is_main:
         os.makedirs(save_dir, exist_ok=True)
@@ -607,6 +740,15 @@ def train(options: Options, vocab: Vocabulary, train_files: list[str], save_dir:
             f.write("\n")
 
     def checkpoint() -> None:
+        # every rank's data position, LSTM state and RNGs, gathered to rank 0 (a collective:
+        # every rank calls checkpoint() at the same step)
+        mine = {"data": stream.state_dict(),
+                "lstm_state": {"c": state[0].detach().cpu(), "h": state[1].detach().cpu()},
+                "rng": _rng_state(device)}
+        ranks = [mine]
+        if dist_on:
+            ranks = [None] * world_size if is_main else None
+            _collective(rank, lambda: dist.gather_object(mine, ranks, dst=0))
         if not is_main:
             return
         atomic_torch_save({
@@ -614,16 +756,18 @@ def train(options: Options, vocab: Vocabulary, train_files: list[str], save_dir:
             "model": lm.bilm.state_dict(),
             "softmax": {"W": lm.softmax_W.detach(), "b": lm.softmax_b.detach()},
             "optimizer": optimizer.state_dict(),
-            "lstm_state": {"c": state[0], "h": state[1]},
-            "rng": _rng_state(device),
+            "lstm_state": ranks[0]["lstm_state"],     # rank 0's (all of them for one process)
+            "rng": ranks[0]["rng"],
             "sampler": sampler.state_dict() if sampler is not None else None,
-            "data": stream.state_dict(),
+            "data": ranks[0]["data"],
+            "ranks": ranks if world_size > 1 else None,
             "step": step, "tokens": tokens, "elapsed": elapsed, "step_time": step_time,
             "window": {"loss": window_loss, "n": window_n},  # the next log line's average
             "options": json.dumps(training_options_dict(options)),
             "vocab": {"path": os.path.abspath(vocab_path or vocab.source), "size": V,
                       "sha1": vocab_fingerprint(vocab)},
             "run": {"seed": seed, "train_files": train_files, "world_size": world_size,
+                    "data_seed": data_seed, "step_offset": step_offset,
                     "n_train_tokens": int(n_train_tokens), "epochs": float(epochs),
                     "total_steps": total_steps if total_steps != sys.maxsize else None},
         }, ckpt_path)
@@ -653,12 +797,14 @@ def train(options: Options, vocab: Vocabulary, train_files: list[str], save_dir:
         return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
     # ---------------------------------------------------------------------------------- loop
-    def stop_reason() -> Optional[str]:
+    def stop_reason(check_time: bool = True) -> Optional[str]:
+        """Steps and tokens are the same on every rank; the clock is not, so with several
+        ranks the time (and Ctrl-C) decision travels in the gradient all-reduce instead."""
         if step >= total_steps:
             return f"{step} updates done"
         if max_tokens is not None and tokens >= max_tokens:
             return f"--max-tokens {max_tokens} reached"
-        if max_time is not None and elapsed >= max_time:
+        if check_time and max_time is not None and elapsed >= max_time:
             return f"--max-time {max_time:g}s reached"
         return None
 
@@ -686,9 +832,12 @@ def train(options: Options, vocab: Vocabulary, train_files: list[str], save_dir:
     reason = stop_reason()
     interrupted = []
     previous_handler = None
-    if is_main and threading.current_thread() is threading.main_thread():
+    if (is_main or dist_on) and threading.current_thread() is threading.main_thread():
         def on_sigint(signum, frame):  # finish the step, checkpoint, stop; a 2nd Ctrl-C aborts
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+            if not dist_on:
+                # under torchrun every worker gets the terminal's Ctrl-C AND the launcher's
+                # forwarded SIGINT, so there the handler stays (the launcher kills after 30 s)
+                signal.signal(signal.SIGINT, signal.default_int_handler)
             interrupted.append(True)
         previous_handler = signal.signal(signal.SIGINT, on_sigint)
     try:
@@ -705,12 +854,21 @@ def train(options: Options, vocab: Vocabulary, train_files: list[str], save_dir:
             state = (new_state[0].detach(), new_state[1].detach())  # truncated BPTT
             optimizer.zero_grad(set_to_none=True)
             (loss * T).backward()
-            all_reduce_gradients(params, world_size)      # the one place ranks meet
+            # the one place ranks meet: gradients, the loss and the stop flags in one message
+            # [loss, rank 0's clock ran out, some rank saw Ctrl-C]
+            out_of_time = (is_main and max_time is not None
+                           and elapsed + time.perf_counter() - t_last >= max_time)
+            extra = torch.tensor([float(loss.detach()), float(out_of_time), float(bool(interrupted))],
+                                 dtype=torch.float64)
+            if dist_on:
+                extra = _collective(rank, lambda: all_reduce_gradients(params, world_size, extra))
+            else:
+                all_reduce_gradients(params, world_size)
             clip_by_global_norm(params, options.all_clip_norm_val)
             optimizer.step()
             step += 1
             tokens += int(batch["n_tokens"]) * world_size
-            loss_value = float(loss.detach())
+            loss_value = float(extra[0])   # the mean over the global batch (all ranks)
             if not math.isfinite(loss_value):
                 raise ElmoError(f"step {step}: the loss is {loss_value} (diverged); try a lower "
                                 f"--learning-rate or --clip-norm")
@@ -722,9 +880,18 @@ def train(options: Options, vocab: Vocabulary, train_files: list[str], save_dir:
             window_tokens += int(batch["n_tokens"]) * world_size
             window_time += now - t0
             step_time += now - t0
-            reason = stop_reason() or ("interrupted (Ctrl-C); continue with --resume"
-                                       if interrupted else None)
+            if dist_on:
+                if float(extra[2]) > 0 and not interrupted:
+                    interrupted.append(True)   # another rank's Ctrl-C: all stop at this step
+                reason = (stop_reason(check_time=False)
+                          or (f"--max-time {max_time:g}s reached" if float(extra[1]) > 0 else None))
+            else:
+                reason = stop_reason()
+            reason = reason or ("interrupted (Ctrl-C); continue with --resume"
+                                if interrupted else None)
             if not is_main:
+                if step % checkpoint_every == 0 and reason is None:
+                    checkpoint()
                 continue
             bar.update(1)
             if step % 10 == 0 or reason is not None:
@@ -767,8 +934,8 @@ def train(options: Options, vocab: Vocabulary, train_files: list[str], save_dir:
             signal.signal(signal.SIGINT, previous_handler)
         if bar is not None:
             bar.close()
+    checkpoint()
     if is_main:
-        checkpoint()
         plot_perplexity(metrics, os.path.join(save_dir, PLOT))
         print(f"stopped: {reason}; checkpoint {ckpt_path}", flush=True)
     if interrupted:
@@ -819,19 +986,92 @@ def options_from_args(args, base: Optional[Options] = None) -> Options:
     return options
 
 
+def _argv_from_args(args, drop: tuple = ("nproc",)) -> list[str]:
+    """The `elmo train` arguments that give `args` (flags at their default left out)."""
+    import argparse
+    from .cli import _train_parser
+    p = argparse.ArgumentParser(add_help=False)
+    _train_parser(p)
+    out = []
+    for a in p._actions:
+        if not a.option_strings or a.dest in drop:
+            continue
+        v = getattr(args, a.dest, a.default)
+        if v == a.default:
+            continue
+        if isinstance(a, argparse._StoreTrueAction):
+            out.append(a.option_strings[0])
+        else:
+            out += [a.option_strings[0], str(v)]
+    return out
+
+
+def _spawn_torchrun(nproc: int, args) -> int:
+    """`elmo train --nproc N ...` = `torchrun --standalone --nproc_per_node N -m torch_elmo train
+    ...` (one node; torchrun picks a free port, restarts nothing, and stops all workers when one
+    fails)."""
+    import subprocess
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           "--nproc_per_node", str(nproc), "-m", "torch_elmo", "train", *_argv_from_args(args)]
+    print("running: torchrun --standalone --nproc_per_node " + str(nproc) + " -m torch_elmo train "
+          + " ".join(cmd[cmd.index("train") + 1:]), flush=True)
+    proc = subprocess.Popen(cmd)
+    try:
+        rc = proc.wait()
+    except KeyboardInterrupt:   # the workers got the same Ctrl-C: let them checkpoint, then 130
+        proc.wait()
+        raise
+    if rc != 0:
+        raise ElmoError(f"torchrun with {nproc} processes exited with status {rc} "
+                        f"(see the workers' messages above)")
+    return 0
+
+
+def _init_distributed(device: torch.device, timeout_s: float) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device) from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK,
+    MASTER_ADDR/PORT); the process group uses NCCL on GPU (device cuda:LOCAL_RANK) and gloo on
+    CPU. `timeout_s` bounds every collective: a rank that hangs makes the others fail after it
+    (one that dies is noticed at once by gloo, and torchrun stops the rest of the job)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, device
+    import torch.distributed as dist
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    try:
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    except Exception as e:
+        raise ElmoError(f"rank {rank}: cannot join the process group of {world} ({backend}): "
+                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return rank, world, device
+
+
 def cli_train(args) -> int:
     from . import data
+    nproc = getattr(args, "nproc", None)
+    in_torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if nproc is not None and nproc < 1:
+        raise ElmoError(f"--nproc must be >= 1, got {nproc}")
+    if nproc is not None and nproc > 1:
+        if in_torchrun:
+            raise ElmoError("--nproc inside torchrun: use one or the other")
+        return _spawn_torchrun(nproc, args)
+    timeout = getattr(args, "dist_timeout", None) or 600.0
+    if timeout <= 0:
+        raise ElmoError(f"--dist-timeout must be > 0, got {timeout:g}")
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         warnings.showwarning = _one_line_warnings("elmo train")
-        if args.nproc is not None and args.nproc > 1:
-            raise ElmoError("--nproc > 1 (multi-process training) is not available yet")
         if args.epochs is not None and args.epochs <= 0:
             raise ElmoError(f"--epochs must be > 0, got {args.epochs:g}")
         for flag in ("log_every", "eval_every", "checkpoint_every", "heldout_batch_size"):
             if getattr(args, flag, 1) < 1:
                 raise ElmoError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
         device = resolve_device(args.device)
+        rank, world_size, device = _init_distributed(device, timeout)
         train_files = data.expand_glob(args.train)
         heldout_files = data.expand_glob(args.heldout) if args.heldout else None
         vocab = Vocabulary.read(args.vocab)
@@ -857,7 +1097,11 @@ def cli_train(args) -> int:
               eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
               heldout_batch_size=getattr(args, "heldout_batch_size", 256),
               heldout_max_batches=args.heldout_max_batches, device=device, bf16=args.bf16,
-              progress=not args.no_progress, vocab_path=args.vocab)
+              progress=not args.no_progress, vocab_path=args.vocab, rank=rank,
+              world_size=world_size)
+    if world_size > 1:   # only after a clean finish: a broken group may hang in teardown
+        import torch.distributed as dist
+        dist.destroy_process_group()
     return 0
 
 
