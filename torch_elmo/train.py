@@ -35,6 +35,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import sys
 import threading
@@ -281,6 +282,7 @@ def _collective(rank: int, fn: Callable):
         return fn()
     except Exception as e:   # RuntimeError / DistBackendError from gloo or NCCL
         first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        first = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", first)   # gloo's source path
         if len(first) > 160:
             first = first[:157] + "..."
         raise ElmoError(f"rank {rank} lost contact with the group ({type(e).__name__}: {first})"
