@@ -157,7 +157,7 @@ def _ner_parser(p: argparse.ArgumentParser) -> Callable:
 
 
 def _quickstart_parser(p: argparse.ArgumentParser) -> Callable:
-    p.add_argument("--work-dir", default="quickstart",
+    p.add_argument("--work-dir", default="runs/quickstart",
                    help="where the corpus files, the run and the exported model go")
     p.add_argument("--minutes", type=float, default=5.0, help="training budget (default 5)")
     p.add_argument("--seed", type=int, default=0)
