@@ -1,6 +1,9 @@
 """Which initial LSTM state should inference use?  carry vs zero vs warm (README "Inference state").
 
-    .venv/bin/python benchmarks/state_modes.py [--minutes 12] [--work-dir runs/state_modes]
+    .venv/bin/python benchmarks/state_modes.py [--minutes 20] [--work-dir runs/state_modes]
+
+Run it on a committed tree (a clean clone): part B trains with model.py and evaluates later, so
+both must be the same code.
 
 Part A (the bilm-tf fixture model, seconds): vector drift. Each of the 30 fixture sentences is
 embedded alone in a fresh embedder and again inside 4 random batches (random row, random other
@@ -180,7 +183,7 @@ def train(work: Path, minutes: float, seed: int = 0):
     gens = [packed_rows(train_sents, words, B, T, d == 1, rng) for d in range(2)]
     c, h = model.zero_state(B)
     model.train()
-    t0, step, log = time.time(), 0, []
+    t0, step, log, per_dir = time.time(), 0, [], []
     while time.time() - t0 < minutes * 60:
         losses, cs, hs = [], [], []
         for d in range(2):
@@ -200,6 +203,7 @@ def train(work: Path, minutes: float, seed: int = 0):
         opt.step()
         step += 1
         log.append(float(loss.detach()))
+        per_dir.append([float(x.detach()) for x in losses])
         if step % 100 == 0:
             print(f"  step {step}  train ppl {math.exp(np.mean(log[-100:])):.1f}  "
                   f"{time.time() - t0:.0f}s", flush=True)
@@ -207,8 +211,10 @@ def train(work: Path, minutes: float, seed: int = 0):
     from torch_elmo.config import write_options
     write_options(options, work / "options.json", inference=True)
     save_weights(model, work / "weights.hdf5")
+    last = np.mean(per_dir[-200:], axis=0)
     torch.save({"softmax": softmax.state_dict(), "targets": words.targets, "steps": step,
-                "tokens": step * B * T}, work / "softmax.pt")
+                "tokens": step * B * T, "train_ppl": [math.exp(v) for v in last]},
+               work / "softmax.pt")
     return step
 
 
@@ -351,7 +357,7 @@ def part_b(work: Path, n_sentences: int, seed: int = 0) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work-dir", default=str(REPO / "runs" / "state_modes"))
-    ap.add_argument("--minutes", type=float, default=12.0, help="training budget (part B)")
+    ap.add_argument("--minutes", type=float, default=20.0, help="training budget (part B)")
     ap.add_argument("--sentences", type=int, default=1600, help="held-out sentences (part B)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1 is fastest for these small models on a busy machine)")
@@ -376,7 +382,8 @@ def main(argv=None) -> int:
     res, n = part_b(work, args.sentences)
     fwd, bwd = res.pop("_training_style_ppl")
     print(f"  held-out perplexity read training-style (packed, carried state): forward {fwd:.1f}, "
-          f"backward {bwd:.1f}")
+          f"backward {bwd:.1f} (last 200 training batches, dropout on: "
+          f"{ck['train_ppl'][0]:.1f}, {ck['train_ppl'][1]:.1f})")
     print(f"  {n} held-out wikitext-2 test sentences; perplexity (mean of fwd/bwd cross-entropy) "
           f"and top-layer drift from the real-context vectors")
     print(f"  {'state':22s} {'ppl w1':>8s} {'ppl w1-3':>9s} {'ppl sent':>9s} "
