@@ -202,6 +202,34 @@ def test_killed_rank_stops_the_job_with_a_clear_message_and_resume_continues(set
     assert int(load_checkpoint(str(save))["step"]) == step + 3
 
 
+def test_ctrl_c_stops_every_rank_at_the_same_step_with_a_checkpoint(setup, tmp_path):
+    """torchrun forwards SIGINT to every worker; the ranks agree on the stop (the flag travels
+    with the gradients), finish the step, and rank 0 checkpoints all ranks' positions."""
+    save = tmp_path / "interrupted"
+    proc = subprocess.Popen(_torchrun(2) + _train_args(setup, save, "--epochs", "10000",
+                                                       "--checkpoint-every", "5",
+                                                       "--log-every", "100000"),
+                            cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + LAUNCH_TIMEOUT
+        while not (save / "checkpoint.pt").exists():
+            assert proc.poll() is None and time.time() < deadline, "the run ended early"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert "stopped: interrupted (Ctrl-C); continue with --resume" in out, out[-3000:]
+    assert "lost contact" not in out
+    ckpt = load_checkpoint(str(save))
+    step = int(ckpt["step"])
+    assert f"step {step:,}/" in out                       # the checkpoint is of the stop step
+    assert [r["data"]["batches"] for r in ckpt["ranks"]] == [step, step]
+
+
 def test_nproc_shortcut_passes_the_other_flags(setup):
     from torch_elmo.cli import _train_parser
     import argparse
