@@ -248,3 +248,11 @@ def test_inference_cache_follows_weight_updates_and_pickles():
     model.load_state_dict(sd)
     with torch.no_grad():
         _assert_dicts_close(model(ids), reference_forward(model, ids))
+
+
+def test_unique_rows():
+    from torch_elmo.model import _unique_rows
+    ids = batch_to_ids(_batch(2)).reshape(-1, 50)
+    uniq, inverse = _unique_rows(ids)
+    assert torch.equal(uniq[inverse], ids)
+    assert uniq.shape[0] == torch.unique(ids, dim=0).shape[0]

@@ -118,9 +118,13 @@ class _Linear:
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b for the large one-shot matmuls of the backward pass (oneDNN on CPU)."""
-    if _onednn_ok(a) and a.dtype == b.dtype and a.shape[0] > 0 and a.shape[1] > 0:
-        return torch.ops.mkldnn._linear_pointwise(a.contiguous(), b.t(), None, "none", [], "")
+    """a @ b for the large one-shot matmuls of the backward pass: oneDNN on CPU when `a` is
+    row-major (input gradients); torch.mm when `a` is a transposed view (weight gradients: MKL
+    takes the transpose as a flag, while a contiguous copy of e.g. a (2560, 4096) gradient
+    costs more than the matmul on this CPU)."""
+    if _onednn_ok(a) and a.dtype == b.dtype and a.is_contiguous() and a.shape[0] > 0 \
+            and a.shape[1] > 0:
+        return torch.ops.mkldnn._linear_pointwise(a, b.t(), None, "none", [], "")
     return a @ b
 
 
@@ -231,13 +235,18 @@ class CharCNN(nn.Module):
     def forward(self, char_ids: torch.Tensor) -> torch.Tensor:
         """char ids (..., C) -> token representations (..., P). Each distinct token (padding
         included) is encoded once and gathered back; gradients of repeats are summed."""
-        lead, C = char_ids.shape[:-1], char_ids.shape[-1]
-        flat = char_ids.reshape(-1, C)
+        rep, inverse = self.forward_unique(char_ids)
+        return rep.index_select(0, inverse).reshape(*char_ids.shape[:-1], self.output_dim)
+
+    def forward_unique(self, char_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """char ids (..., C) -> (the representations of the distinct tokens (U, P), the index of
+        each flattened position's token (N,))."""
+        flat = char_ids.reshape(-1, char_ids.shape[-1])
         if flat.shape[0] == 0:
-            return self.char_embed.new_zeros(*lead, self.output_dim)
-        uniq, inverse = torch.unique(flat, dim=0, return_inverse=True)
-        rep = self.encode(uniq)
-        return rep.index_select(0, inverse.reshape(-1)).reshape(*lead, -1)
+            return (self.char_embed.new_zeros(0, self.output_dim),
+                    torch.zeros(0, dtype=torch.long, device=char_ids.device))
+        uniq, inverse = _unique_rows(flat)
+        return self.encode(uniq), inverse.reshape(-1)
 
     def encode(self, ids: torch.Tensor) -> torch.Tensor:
         """(U, C) char ids -> (U, P), no deduplication."""
@@ -309,6 +318,24 @@ class CharCNN(nn.Module):
             chunks.append(torch.cat(feats, dim=1))
         x = torch.cat(chunks, dim=0)
         return torch.zeros_like(x).index_copy(0, order, x)        # back to the input order
+
+
+def _unique_rows(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distinct rows of an integer matrix (N, C) and, per row, the index of its distinct row.
+
+    torch.unique(dim=0) does a row-by-row lexicographic sort (slow on CPU); instead rows are
+    hashed to one int64 (wrapping arithmetic), the hashes made unique, and the result checked
+    against the input: on a hash collision, fall back to torch.unique(dim=0)."""
+    g = torch.Generator().manual_seed(12345)
+    mult = torch.randint(1, 2 ** 62, (ids.shape[1],), generator=g).to(ids.device) | 1
+    h = (ids.long() * mult).sum(dim=1)
+    uniq_h, inverse = torch.unique(h, return_inverse=True)
+    first = torch.empty(uniq_h.numel(), dtype=torch.long, device=ids.device)
+    first.scatter_(0, inverse, torch.arange(ids.shape[0], device=ids.device))
+    uniq = ids.index_select(0, first)
+    if not torch.equal(uniq.index_select(0, inverse), ids):
+        return torch.unique(ids, dim=0, return_inverse=True)
+    return uniq, inverse
 
 
 class _Highway(nn.Module):
@@ -415,13 +442,14 @@ class LSTMP(nn.Module):
         return y, c, h
 
     def packed_weights(self, dtype: torch.dtype):
-        """(input _Linear, run bias, state _Linear, projection _Linear) for inference, cached."""
+        """(input _Linear, run bias, state _Linear, projection _Linear) for inference, cached.
+        The j block of the gate weights and bias is doubled (exact) for `_tanh_j`."""
         src = (self.input_weight, self.state_weight, self.bias, self.proj_weight)
 
         def build():
-            return (_Linear(self.input_weight.detach().to(dtype), batch_hint=1024),
-                    self.run_bias().detach().to(dtype),
-                    _Linear(self.state_weight.detach().to(dtype)),
+            return (_Linear(_scale_j(self.input_weight.detach()).to(dtype), batch_hint=1024),
+                    _scale_j(self.run_bias().detach()).to(dtype),
+                    _Linear(_scale_j(self.state_weight.detach()).to(dtype)),
                     _Linear(self.proj_weight.detach().to(dtype)))
         return self._cache.get(("lstm", dtype), src, build)
 
@@ -491,6 +519,10 @@ class _Packing:
         self.bwd_index = (row * T + sorted_len[rank] - 1 - step).to(device)
         last = offsets[(sorted_len - 1).clamp(min=0)] + torch.arange(B) if max_len else \
             torch.zeros(B, dtype=torch.long)
+        # packed position of the same row one step earlier; N + row for step 0 (the initial
+        # state, when indexing cat([packed, initial]))
+        prev = torch.where(step > 0, offsets[(step - 1).clamp(min=0)] + rank, self.N + rank)
+        self.prev_index = prev.to(device)
         self.has_steps = (sorted_len > 0).to(device)                          # (B,) sorted
         self.last_index = last.clamp(max=max(self.N - 1, 0)).to(device)       # (B,) sorted
 
@@ -509,30 +541,55 @@ class _Packing:
         return out.index_copy(0, index, y).reshape(self.B, self.T, -1)
 
 
+# tanh(x) = 2 sigmoid(2x) - 1. torch.tanh on this CPU costs ~5 ns per element against ~0.4 for
+# torch.sigmoid (benchmarks/speed.py's notes), and the LSTM takes 2H tanh per position and step.
+# The absolute error is below 2e-7 (torch.tanh's: 3e-8); the tests hold the fast path to 1e-5 and
+# the bilm-tf fixture to 1e-6. For the j gate the doubling is folded into the weights
+# (`_scale_j`: exact), so one sigmoid covers all four gates: z_j' = 2 z_j, j = 2 sigmoid(z_j') - 1.
+def _scale_j(w: torch.Tensor) -> torch.Tensor:
+    """Copy of a gate weight (4H, ...) or bias (4H,) with the j block doubled."""
+    H = w.shape[0] // 4
+    w = w.clone()
+    w[2 * H:3 * H] *= 2.0
+    return w
+
+
+def _tanh_via_sigmoid(x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    t = torch.mul(x, 2.0, out=out) if out is not None else torch.mul(x, 2.0)
+    return t.sigmoid_().mul_(2.0).sub_(1.0)
+
+
 def _cell_update(z: torch.Tensor, c: torch.Tensor, cell_clip: Optional[float]) -> torch.Tensor:
-    """In place: z (n, 4H) pre-activations i, f, j, o -> activations; c (n, H) -> new c.
-    Returns m = o * tanh(c) (n, H), in the dtype of z."""
+    """In place, no autograd: z (n, 4H) pre-activations i, f, j' = 2 j, o (j doubled by the
+    weights) -> sigmoids; c (n, H) fp32 -> new c. Returns m = o * tanh(c) (n, H) in z's dtype."""
     H = c.shape[1]
-    z[:, :2 * H].sigmoid_()
-    z[:, 2 * H:3 * H].tanh_()
-    z[:, 3 * H:].sigmoid_()
-    c.mul_(z[:, H:2 * H]).addcmul_(z[:, :H], z[:, 2 * H:3 * H])
+    s = z.sigmoid_() if z.dtype == torch.float32 else z.float().sigmoid_()
+    i, f, sj, o = s[:, :H], s[:, H:2 * H], s[:, 2 * H:3 * H], s[:, 3 * H:]
+    # c = f c + i j with j = 2 sj - 1:  f c + 2 i sj - i
+    c.mul_(f).addcmul_(i, sj, value=2.0).sub_(i)
     if cell_clip is not None:
         c.clamp_(-cell_clip, cell_clip)
-    m = torch.tanh(c)
-    m.mul_(z[:, 3 * H:])
+    m = _tanh_via_sigmoid(c).mul_(o)
     return m if m.dtype == z.dtype else m.to(z.dtype)
 
 
 def _infer_layer(cells: list[LSTMP], xs: list[torch.Tensor], pk: _Packing,
-                 c0s: list[torch.Tensor], h0s: list[torch.Tensor], dtype: torch.dtype):
+                 c0s: list[torch.Tensor], h0s: list[torch.Tensor], dtype: torch.dtype,
+                 unique: Optional[tuple] = None):
     """One layer of one or more directions, advanced together step by step, no autograd.
 
     xs[d] packed (N, in); c0s[d] (B, H), h0s[d] (B, P) sorted. Returns packed outputs (N, P) in
-    the activation dtype and the sorted final (c, h) in fp32. Cell state kept in fp32."""
+    the activation dtype and the sorted final (c, h) in fp32. Cell state kept in fp32.
+    `unique` = (rep (U, in), [index (N,) per direction]) when every xs[d] is rep[index[d]]: the
+    input-to-gate matmul is then done once per distinct input and gathered."""
     D = len(cells)
     lin = [cell.packed_weights(dtype) for cell in cells]
-    gx = [lin_ih(x.to(dtype), b) for x, (lin_ih, b, _, _) in zip(xs, lin)]   # hoisted (N, 4H)
+    if unique is not None:
+        rep, index = unique
+        gx = [lin_ih(rep.to(dtype), b).index_select(0, idx)
+              for idx, (lin_ih, b, _, _) in zip(index, lin)]
+    else:
+        gx = [lin_ih(x.to(dtype), b) for x, (lin_ih, b, _, _) in zip(xs, lin)]  # hoisted (N, 4H)
     ys = [x.new_empty(pk.N, cell.proj_dim, dtype=dtype) for x, cell in zip(xs, cells)]
     cs = [c0.float().clone() for c0 in c0s]
     h_prev = [h0.to(dtype) for h0 in h0s]
@@ -553,18 +610,20 @@ class _LSTMPFunction(torch.autograd.Function):
     """One LSTMP layer over a packed sequence, with backpropagation through time written out.
 
     Saved per position: gate activations (4H), clipped c (H), tanh(c) (H), the output (P).
-    Per step the backward does two matmuls (through the projection and the recurrent weight);
-    the weight gradients are one matmul each over all positions."""
+    Everything the backward can compute for all positions at once (the gate derivatives, the
+    clip masks, previous states) is computed before its time loop with large element-wise ops;
+    per step it does two matmuls (through the projection and the recurrent weight) and a few
+    element-wise ops. The weight gradients are one matmul each over all positions."""
 
     @staticmethod
     def forward(ctx, x, c0, h0, w_ih, w_hh, bias, w_p, pk, cell_clip, proj_clip):
         H, P = w_hh.shape[0] // 4, w_p.shape[0]
         run_bias = torch.cat([bias[:H], bias[H:2 * H] + FORGET_BIAS, bias[2 * H:]])
-        gates = _Linear(w_ih, pack=False)(x, run_bias)             # (N, 4H), then activations
+        gates = _Linear(_scale_j(w_ih), pack=False)(x, _scale_j(run_bias))   # (N, 4H)
         cs = x.new_empty(pk.N, H)
         tcs = x.new_empty(pk.N, H)
         y = x.new_empty(pk.N, P)
-        lin_hh, lin_p = _Linear(w_hh, batch_hint=pk.B), _Linear(w_p, batch_hint=pk.B)
+        lin_hh, lin_p = _Linear(_scale_j(w_hh), batch_hint=pk.B), _Linear(w_p, batch_hint=pk.B)
         prev = None
         for n, o in zip(pk.batch_sizes, pk.offsets):
             if prev is None:
@@ -572,17 +631,15 @@ class _LSTMPFunction(torch.autograd.Function):
             else:
                 h_prev, c_prev = y[prev:prev + n], cs[prev:prev + n]
             g = gates[o:o + n]
-            z = lin_hh(h_prev, add=g)
-            torch.sigmoid(z[:, :2 * H], out=g[:, :2 * H])
-            torch.tanh(z[:, 2 * H:3 * H], out=g[:, 2 * H:3 * H])
-            torch.sigmoid(z[:, 3 * H:], out=g[:, 3 * H:])
+            torch.sigmoid(lin_hh(h_prev, add=g), out=g)            # i, f, (j+1)/2, o
+            j = g[:, 2 * H:3 * H]
+            j.mul_(2.0).sub_(1.0)
             c = cs[o:o + n]
             torch.mul(g[:, H:2 * H], c_prev, out=c)
-            c.addcmul_(g[:, :H], g[:, 2 * H:3 * H])
+            c.addcmul_(g[:, :H], j)
             if cell_clip is not None:
                 c.clamp_(-cell_clip, cell_clip)
-            tc = tcs[o:o + n]
-            torch.tanh(c, out=tc)
+            tc = _tanh_via_sigmoid(c, out=tcs[o:o + n])
             y[o:o + n] = lin_p(tc * g[:, 3 * H:], clip=proj_clip)
             prev = o
         c_fin, h_fin = pk.final(cs, c0), pk.final(y, h0)
@@ -594,52 +651,54 @@ class _LSTMPFunction(torch.autograd.Function):
     def backward(ctx, d_y, d_c, d_h):
         x, c0, h0, w_ih, w_hh, w_p, gates, cs, tcs, y = ctx.saved_tensors
         pk, cell_clip, proj_clip = ctx.pk, ctx.cell_clip, ctx.proj_clip
-        H, P, B = w_hh.shape[0] // 4, w_p.shape[0], pk.B
-        d_y = d_y if d_y is not None else y.new_zeros(pk.N, P)
+        H, P, B, N = w_hh.shape[0] // 4, w_p.shape[0], pk.B, pk.N
+        need = ctx.needs_input_grad
+        # ---- everything that does not depend on the recurrence, for all positions at once
+        i, f, j, o = gates[:, :H], gates[:, H:2 * H], gates[:, 2 * H:3 * H], gates[:, 3 * H:]
+        c_prev = torch.cat([cs, c0]).index_select(0, pk.prev_index)             # (N, H)
+        K = torch.empty_like(gates)       # d gate pre-activation / d (dc or dm), then dZ in place
+        torch.mul(i, 1.0 - i, out=K[:, :H]).mul_(j)                             # di = dc K_i
+        torch.mul(f, 1.0 - f, out=K[:, H:2 * H]).mul_(c_prev)                   # df = dc K_f
+        torch.mul(j, j, out=K[:, 2 * H:3 * H]).neg_().add_(1.0).mul_(i)         # dj = dc K_j
+        torch.mul(o, 1.0 - o, out=K[:, 3 * H:]).mul_(tcs)                       # do = dm K_o
+        del c_prev
+        E = torch.mul(tcs, tcs).neg_().add_(1.0).mul_(o)                        # dc += dm E
+        Mc = None
+        if cell_clip is not None:
+            Mc = (cs.abs() < cell_clip).to(cs.dtype)
+            E.mul_(Mc)
+        d_y = d_y.contiguous() if d_y is not None else y.new_zeros(N, P)
+        Mh = (y.abs() < proj_clip).to(y.dtype) if proj_clip is not None else None
+        if Mh is not None:
+            d_y = d_y * Mh
         dh_state = d_h.clone() if d_h is not None else h0.new_zeros(B, P)
         dc_state = d_c.clone() if d_c is not None else c0.new_zeros(B, H)
-        dZ = gates.new_empty(pk.N, 4 * H)
-        dY = y.new_empty(pk.N, P)                                   # grad wrt the clipped h
-        lin_p_t = _Linear(w_p.t(), batch_hint=B)                    # dh (n, P) -> dm (n, H)
-        lin_hh_t = _Linear(w_hh.t(), batch_hint=B)                  # dz (n, 4H) -> dh (n, P)
-        steps = list(zip(pk.batch_sizes, pk.offsets))
-        for t in range(len(steps) - 1, -1, -1):
-            n, o = steps[t]
-            dh = dY[o:o + n]
-            torch.add(d_y[o:o + n], dh_state[:n], out=dh)
-            if proj_clip is not None:
-                dh.mul_(y[o:o + n].abs() < proj_clip)
-            dm = lin_p_t(dh)                                        # (n, H)
-            g = gates[o:o + n]
-            i, f, j, og = g[:, :H], g[:, H:2 * H], g[:, 2 * H:3 * H], g[:, 3 * H:]
-            tc = tcs[o:o + n]
-            dz = dZ[o:o + n]
-            di, df, dj, do = dz[:, :H], dz[:, H:2 * H], dz[:, 2 * H:3 * H], dz[:, 3 * H:]
-            torch.mul(dm, tc, out=do)
-            do.mul_(og * (1.0 - og))
-            dc = dm.mul_(og).mul_(1.0 - tc * tc).add_(dc_state[:n])
-            if cell_clip is not None:
-                dc.mul_(cs[o:o + n].abs() < cell_clip)
-            c_prev = c0[:n] if t == 0 else cs[steps[t - 1][1]:steps[t - 1][1] + n]
-            torch.mul(dc, j, out=di)
-            di.mul_(i * (1.0 - i))
-            torch.mul(dc, c_prev, out=df)
-            df.mul_(f * (1.0 - f))
-            torch.mul(dc, i, out=dj)
-            dj.mul_(1.0 - j * j)
-            torch.mul(dc, f, out=dc_state[:n])
-            dh_state[:n] = lin_hh_t(dz)
-        need = ctx.needs_input_grad
+        dY = y.new_empty(N, P)                                                  # grad of h pre-clip
+        lin_p_t = _Linear(w_p.t(), batch_hint=B)                                # (n, P) -> (n, H)
+        lin_hh_t = _Linear(w_hh.t(), batch_hint=B)                              # (n, 4H) -> (n, P)
+        K3 = K.view(N, 4, H)
+        for n, o_ in zip(reversed(pk.batch_sizes), reversed(pk.offsets)):
+            dh = dY[o_:o_ + n]
+            if Mh is not None:
+                torch.addcmul(d_y[o_:o_ + n], dh_state[:n], Mh[o_:o_ + n], out=dh)
+            else:
+                torch.add(d_y[o_:o_ + n], dh_state[:n], out=dh)
+            dm = lin_p_t(dh)                                                    # (n, H)
+            if Mc is not None:
+                dc = dc_state[:n] * Mc[o_:o_ + n]
+                dc.addcmul_(dm, E[o_:o_ + n])
+            else:
+                dc = torch.addcmul(dc_state[:n], dm, E[o_:o_ + n])
+            K3[o_:o_ + n, :3].mul_(dc.unsqueeze(1))
+            K[o_:o_ + n, 3 * H:].mul_(dm)
+            torch.mul(dc, f[o_:o_ + n], out=dc_state[:n])
+            dh_state[:n] = lin_hh_t(K[o_:o_ + n])
+        dZ = K
         d_x = _mm(dZ, w_ih) if need[0] else None
         d_w_ih = _mm(dZ.t(), x) if need[3] else None
-        d_w_hh = None
-        if need[4]:
-            h_prev = torch.cat([h0[:pk.batch_sizes[0]]] + [
-                y[steps[t - 1][1]:steps[t - 1][1] + steps[t][0]] for t in range(1, len(steps))]) \
-                if steps else h0[:0]
-            d_w_hh = _mm(dZ.t(), h_prev)
+        d_w_hh = _mm(dZ.t(), torch.cat([y, h0]).index_select(0, pk.prev_index)) if need[4] else None
         d_bias = dZ.sum(0) if need[5] else None
-        d_w_p = _mm(dY.t(), gates[:, 3 * H:] * tcs) if need[6] else None
+        d_w_p = _mm(dY.t(), o * tcs) if need[6] else None
         return (d_x, dc_state if need[1] else None, dh_state if need[2] else None,
                 d_w_ih, d_w_hh, d_bias, d_w_p, None, None, None)
 
@@ -748,11 +807,13 @@ class BiLM(nn.Module):
         Returns token_embedding (B, T, P), layers: list of n_layers+1 tensors (B, T, 2P) with
         padding positions zero, mask (B, T) bool, state: (c, h) after each row's last valid
         step. Without autograd both directions run together (`_forward_fast`)."""
+        unique = None
         if token_embedding is None:
             if char_ids is None:
                 raise ValueError("BiLM.forward needs char_ids or token_embedding")
             mask = (char_ids > 0).any(dim=2)                       # (B, T)
-            token = self.char_cnn(char_ids)
+            unique = self.char_cnn.forward_unique(char_ids)        # distinct tokens, (N,) index
+            token = unique[0].index_select(0, unique[1]).reshape(*mask.shape, self.proj_dim)
         else:
             token = token_embedding
             if mask is None:
@@ -764,7 +825,10 @@ class BiLM(nn.Module):
         needs_grad = torch.is_grad_enabled() and (
             token.requires_grad or any(p.requires_grad for p in self.parameters()))
         if not needs_grad:
-            layers, cs, hs = self._forward_fast(token, lengths, c0, h0)
+            if unique is not None:  # layer 0 from the distinct tokens: only if no mask holes
+                valid = torch.arange(T, device=mask.device).unsqueeze(0) < lengths.unsqueeze(1)
+                unique = unique if bool((valid == mask).all()) else None
+            layers, cs, hs = self._forward_fast(token, lengths, c0, h0, unique)
             return {"token_embedding": token, "layers": [torch.cat([token] * self.n_dirs, dim=2)]
                     + layers, "mask": mask, "state": (cs, hs)}
         valid = torch.arange(T, device=mask.device).unsqueeze(0) < lengths.unsqueeze(1)
@@ -785,9 +849,11 @@ class BiLM(nn.Module):
 
     @torch.no_grad()
     def _forward_fast(self, token: torch.Tensor, lengths: torch.Tensor, c0: torch.Tensor,
-                      h0: torch.Tensor):
+                      h0: torch.Tensor, unique: Optional[tuple] = None):
         """Both directions together, packed, in place. Returns the n_layers ELMo layers
-        (B, T, n_dirs * P) and the final state (c, h) (n_dirs, n_layers, B, .)."""
+        (B, T, n_dirs * P) and the final state (c, h) (n_dirs, n_layers, B, .).
+        `unique` = (distinct token representations (U, P), index (B*T,)) from the char CNN:
+        layer 0's input-to-gate matmul then runs on the U distinct tokens only."""
         B, T, P = token.shape
         dtype = _inference_dtype(token.device)
         pk = _Packing(lengths, T)
@@ -798,8 +864,11 @@ class BiLM(nn.Module):
         layers, cs, hs = [], [], []
         for l in range(self.n_layers):
             cells = [stack[l] for stack in self.directions]
+            u = None
+            if l == 0 and unique is not None:
+                u = (unique[0], [unique[1].index_select(0, idx) for idx in indices])
             ys, c, h = _infer_layer(cells, xs, pk, [c0s[d, l] for d in range(self.n_dirs)],
-                                    [h0s[d, l] for d in range(self.n_dirs)], dtype)
+                                    [h0s[d, l] for d in range(self.n_dirs)], dtype, u)
             if l > 0 and self.use_skip_connections:
                 ys = [y.float() + x for y, x in zip(ys, xs)]
             else:
