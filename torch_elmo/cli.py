@@ -145,7 +145,7 @@ def _ner_parser(p: argparse.ArgumentParser) -> Callable:
     p.add_argument("--epochs", type=int, default=10, help="at most this many epochs")
     p.add_argument("--patience", type=int, default=3, help="epochs without dev F1 gain")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate (default 5e-3)")
     p.add_argument("--hidden", type=int, default=100, help="BiLSTM units per direction")
     p.add_argument("--max-train", type=int, default=None, help="random subsample of train sentences")
     p.add_argument("--max-eval", type=int, default=None,
