@@ -657,12 +657,13 @@ def train(options: Options, vocab: Vocabulary, train_files: list[str], save_dir:
         # this world's global batch, and plan the remaining updates from there
         done = int(ckpt["tokens"]) // (B * T * world_size)
         step_offset = int(ckpt["step"]) - done
-    total_steps += step_offset
     if total_steps <= 0 and max_tokens is None and max_time is None:
         raise ElmoError(f"{n_train_tokens} training tokens make no full batch of {B} x {T} "
                         f"tokens per epoch: lower --batch-size / --unroll-steps or add data")
     if total_steps <= 0:
         total_steps = sys.maxsize  # only max_tokens / max_time stop the run
+    else:
+        total_steps = max(0, total_steps + step_offset)   # 0: the planned updates are done
 
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
