@@ -1075,6 +1075,15 @@ def cli_train(args) -> int:
                 raise ElmoError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
         device = resolve_device(args.device)
         rank, world_size, device = _init_distributed(device, timeout)
+        if world_size > 1 and threading.current_thread() is threading.main_thread():
+            # torchrun stops the other workers with SIGTERM when one fails; this rank may get
+            # it before its next collective notices the dead peer: say why in the same line
+            def on_sigterm(signum, frame):
+                print(f"elmo train: error: rank {rank} lost contact with the group (stopped by "
+                      f"torchrun with SIGTERM: another rank failed or the job was cancelled)",
+                      file=sys.stderr, flush=True)
+                os._exit(128 + signal.SIGTERM)
+            signal.signal(signal.SIGTERM, on_sigterm)
         train_files = data.expand_glob(args.train)
         heldout_files = data.expand_glob(args.heldout) if args.heldout else None
         vocab = Vocabulary.read(args.vocab)
