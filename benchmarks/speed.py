@@ -120,8 +120,9 @@ def forward_flops(options) -> dict:
             "lstm": n_dirs * lstm.n_layers * (2 * (P + P) * 4 * H + 2 * H * P)}
 
 
-def executed_token_flops(options, ids: torch.Tensor) -> float:
-    """What the fast char CNN computes for these ids: distinct tokens, trimmed windows."""
+def executed_token_flops(options, ids: torch.Tensor) -> tuple[float, int]:
+    """What the fast char CNN computes for these ids (distinct tokens, trimmed windows), and the
+    number of distinct tokens."""
     cnn = options.char_cnn
     C, D, Fn, P = cnn.max_characters_per_token, cnn.embedding.dim, cnn.n_filters, \
         options.lstm.projection_dim
@@ -132,7 +133,7 @@ def executed_token_flops(options, ids: torch.Tensor) -> float:
         Lmax, k = max(int(L[min(s + 256, len(L)) - 1]), 1), min(256, len(L) - s)
         total += k * sum(2 * w * D * n * min(Lmax, C - w + 1) for w, n in cnn.filters)
     total += len(uniq) * (cnn.n_highway * 4 * Fn * Fn + (2 * Fn * P if Fn != P else 0))
-    return total
+    return total, len(uniq)
 
 
 # ============================================================================ inference
@@ -143,7 +144,8 @@ def bench_inference(name: str, corpus: Corpus, n_batches: int, n_ref: int, peaks
     model = BiLM(options).eval()
     fl = forward_flops(options)
     per_pos = sum(fl.values())
-    batches = [batch_to_ids(corpus.batch(64)) for _ in range(n_batches + 1)]
+    batches = [batch_to_ids(corpus.batch(4))] + [batch_to_ids(corpus.batch(64))
+                                                 for _ in range(n_batches)]
     res = {"preset": name, "flops_per_position": per_pos, "flops_breakdown": fl}
 
     def run(fn, ids_list, autocast=False):
@@ -156,19 +158,26 @@ def bench_inference(name: str, corpus: Corpus, n_batches: int, n_ref: int, peaks
             state = out["state"]
         return times, out
 
-    def stats(times, ids_list):
+    P, H = options.lstm.projection_dim, options.lstm.dim
+
+    def stats(times, ids_list, reference=False):
         pos = [int((i > 0).any(-1).sum()) for i in ids_list]
         words = [p - 2 * i.shape[0] for p, i in zip(pos, ids_list)]
         k = min(range(len(times)), key=lambda j: times[j] / pos[j])
         r = {"positions_per_s": pos[k] / times[k], "words_per_s": words[k] / times[k],
              "seconds_per_batch": times[k], "all_seconds": [round(t, 3) for t in times]}
         r["gflops"] = r["positions_per_s"] * per_pos / 1e9
-        exe = (pos[k] * fl["lstm"] + executed_token_flops(options, ids_list[k])) / times[k] / 1e9
-        r["executed_gflops"] = exe
+        cnn_flops, n_unique = executed_token_flops(options, ids_list[k])
+        if reference:      # every position of the padded (B, T) batch, every window
+            executed = ids_list[k].shape[0] * ids_list[k].shape[1] * per_pos
+        else:              # layer 0's input-to-gate matmul runs on the distinct tokens only
+            executed = cnn_flops + pos[k] * fl["lstm"] - (pos[k] - n_unique) * 2 * 2 * P * 4 * H
+        r["executed_gflops"] = executed / times[k] / 1e9
+        r["distinct_tokens"] = n_unique
         return r
 
     timed = batches[1:]
-    run(model, batches[:1])                                     # warm-up (packs the weights)
+    run(model, batches[:1])                    # warm-up on a small batch (packs the weights)
     times, _ = run(model, timed)
     res["fp32"] = stats(times, timed)
     if bf16:
@@ -186,14 +195,46 @@ def bench_inference(name: str, corpus: Corpus, n_batches: int, n_ref: int, peaks
             "rel_l2": float((top_a - top_b)[m].norm() / top_a[m].norm()),
             "cosine_min": float(F.cosine_similarity(top_a[m], top_b[m], dim=-1).min())}
     ref_ids = timed[:n_ref]
-    times, _ = run(lambda ids, st: reference_forward(model, ids, st), ref_ids)
-    res["reference"] = stats(times, ref_ids)
-    # equality of the two paths on this batch (fp32)
+    times, b = run(lambda ids, st: reference_forward(model, ids, st), ref_ids)
+    res["reference"] = stats(times, ref_ids, reference=True)
+    # equality of the two paths on the last reference batch (fp32, same initial state)
     with torch.no_grad():
-        a, b = model(ref_ids[0]), reference_forward(model, ref_ids[0])
+        state = None
+        for ids in ref_ids:
+            a = model(ids, state)
+            state = a["state"]
     res["max_abs_diff_vs_reference"] = max(float((x - y).abs().max())
                                            for x, y in zip(a["layers"], b["layers"]))
     return res
+
+
+# ============================================================================ recurrent step
+def bench_step_variants() -> list[dict]:
+    """The recurrent matmul of one step, both directions: two oneDNN calls with prepacked weights
+    and the gate pre-activations added in the same call (what model.py does) against ONE batched
+    MKL baddbmm over the (2, n, P) x (2, P, 4H) stack (the "one batched matmul per step" of the
+    issue) and two MKL addmm. Shapes of the original and small presets at inference (n = 64
+    rows) and training (n = 128)."""
+    out = []
+    for name, P, H, n in (("original", 512, 4096, 64), ("small", 128, 1024, 64),
+                          ("small", 128, 1024, 128)):
+        W = torch.randn(2, 4 * H, P) * 0.05
+        Wt = W.transpose(1, 2).contiguous()
+        h, gx = torch.randn(2, n, P), torch.randn(2, n, 4 * H)
+        variants = {"2x MKL addmm": lambda: [torch.addmm(gx[d], h[d], Wt[d]) for d in range(2)],
+                    "1x MKL baddbmm": lambda: torch.baddbmm(gx, h, Wt)}
+        if _ONEDNN:
+            lp = torch.ops.mkldnn._linear_pointwise
+            pk = [torch.ops.mkldnn._reorder_linear_weight(W[d].contiguous(), n) for d in range(2)]
+            variants["2x oneDNN"] = lambda: [lp.binary(h[d], gx[d], pk[d], None, "add")
+                                             for d in range(2)]
+        best = {k: float("inf") for k in variants}
+        for _ in range(8):                     # interleaved: the machine's load hits all alike
+            for k, f in variants.items():
+                best[k] = min(best[k], _time(f))
+        flops = 2 * 2 * n * P * 4 * H
+        out.append({"shape": f"{name} n={n}", **{k: flops / v / 1e9 for k, v in best.items()}})
+    return out
 
 
 # ============================================================================ training
@@ -250,6 +291,7 @@ def bench_training(corpus: Corpus, n_steps: int, n_ref: int, B: int = 128, T: in
                 "bwd_targets": torch.tensor(corpus.ids(B * T)).reshape(B, T), "n_tokens": B * T}
 
     batches = [make_batch() for _ in range(n_steps + 1)]
+    warm = {k: (v[:16] if torch.is_tensor(v) else v) for k, v in batches[0].items()}
 
     def loss_fast(batch, state):
         if lm is not None:
@@ -287,9 +329,9 @@ def bench_training(corpus: Corpus, n_steps: int, n_ref: int, B: int = 128, T: in
         return sum(losses) / 2, (torch.stack(cs), torch.stack(hs))
 
     def run(loss_fn, batch_list):
-        state = bilm.zero_state(B)
         times = []
         for batch in batch_list:
+            state = bilm.zero_state(batch["fwd_chars"].shape[0]) if not times else state
             t = time.perf_counter()
             loss, state = loss_fn(batch, state)
             (loss * T).backward()
@@ -308,19 +350,23 @@ def bench_training(corpus: Corpus, n_steps: int, n_ref: int, B: int = 128, T: in
            "softmax": "torch_elmo.train" if lm is not None else "benchmark gather+matmul",
            "flops_per_token": per_token}
 
-    def stats(times, batch_list):
+    def stats(times, batch_list, reference=False):
         k = min(range(len(times)), key=lambda j: times[j])
         b = batch_list[k]
         chars = torch.cat([b["fwd_chars"], b["bwd_chars"]])
-        exe = 3 * (executed_token_flops(options, chars) + B * T * (
-            fl["lstm"] + n_dirs * 2 * P * (n_samples + 1)))
+        if reference:      # no deduplication, every window
+            exe = B * T * per_token
+        else:
+            exe = 3 * (executed_token_flops(options, chars)[0]
+                       + B * T * (fl["lstm"] + n_dirs * 2 * P * (n_samples + 1)))
         return {"tokens_per_s": B * T / times[k], "seconds_per_step": times[k],
                 "all_seconds": [round(t, 3) for t in times],
                 "gflops": B * T * per_token / times[k] / 1e9, "executed_gflops": exe / times[k] / 1e9}
 
-    run(loss_fast, batches[:1])
+    run(loss_fast, [warm])
     res["fast"] = stats(run(loss_fast, batches[1:]), batches[1:])
-    res["reference"] = stats(run(loss_reference, batches[1:1 + n_ref]), batches[1:1 + n_ref])
+    res["reference"] = stats(run(loss_reference, batches[1:1 + n_ref]), batches[1:1 + n_ref],
+                             reference=True)
     return res
 
 
@@ -341,9 +387,13 @@ def main(argv=None) -> int:
     _print_peaks("start", peaks["start"])
     corpus = Corpus()
     results = {"peak": peaks}
-    results["inference_original"] = bench_inference("original", corpus, 1 if q else 3, 1, peaks)
-    results["inference_small"] = bench_inference("small", corpus, 2 if q else 6, 1 if q else 2, peaks)
-    results["training_small"] = bench_training(corpus, 1 if q else 3, 1)
+    results["step_variants"] = bench_step_variants()
+    print("recurrent step matmul, both directions (GFLOP/s): " + "; ".join(
+        r["shape"] + ": " + ", ".join(f"{k} {v:.0f}" for k, v in r.items() if k != "shape")
+        for r in results["step_variants"]))
+    results["inference_original"] = bench_inference("original", corpus, 1 if q else 2, 1, peaks)
+    results["inference_small"] = bench_inference("small", corpus, 2 if q else 4, 1, peaks)
+    results["training_small"] = bench_training(corpus, 1 if q else 2, 1)
     peaks["end"] = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
     _print_peaks("end", peaks["end"])
     fp32_mm = max(v for p in peaks.values() for k, v in p["fp32"].items() if k.startswith("torch"))

@@ -526,6 +526,18 @@ class _Packing:
         self.has_steps = (sorted_len > 0).to(device)                          # (B,) sorted
         self.last_index = last.clamp(max=max(self.N - 1, 0)).to(device)       # (B,) sorted
 
+    def blocks(self, max_rows: int):
+        """Consecutive steps grouped into blocks of at most max_rows packed rows (at least one
+        step each): yields ([(n_t, offset_t), ...], first row, end row)."""
+        steps, r0 = [], 0
+        for n, o in zip(self.batch_sizes, self.offsets):
+            if steps and o + n - r0 > max_rows:
+                yield steps, r0, o
+                steps, r0 = [], o
+            steps.append((n, o))
+        if steps:
+            yield steps, r0, self.N
+
     def final(self, packed: torch.Tensor, initial: torch.Tensor) -> torch.Tensor:
         """Per sorted row: the packed value at its last step, or `initial` if it has none."""
         if self.N == 0:
@@ -569,8 +581,10 @@ def _cell_update(z: torch.Tensor, c: torch.Tensor, cell_clip: Optional[float]) -
     c.mul_(f).addcmul_(i, sj, value=2.0).sub_(i)
     if cell_clip is not None:
         c.clamp_(-cell_clip, cell_clip)
-    m = _tanh_via_sigmoid(c).mul_(o)
-    return m if m.dtype == z.dtype else m.to(z.dtype)
+    t = _tanh_via_sigmoid(c)
+    if z.dtype == torch.float32:
+        return t.mul_(o)
+    return torch.mul(t, o, out=torch.empty(t.shape, dtype=z.dtype))   # rounded once, to bf16
 
 
 def _infer_layer(cells: list[LSTMP], xs: list[torch.Tensor], pk: _Packing,
@@ -581,27 +595,38 @@ def _infer_layer(cells: list[LSTMP], xs: list[torch.Tensor], pk: _Packing,
     xs[d] packed (N, in); c0s[d] (B, H), h0s[d] (B, P) sorted. Returns packed outputs (N, P) in
     the activation dtype and the sorted final (c, h) in fp32. Cell state kept in fp32.
     `unique` = (rep (U, in), [index (N,) per direction]) when every xs[d] is rep[index[d]]: the
-    input-to-gate matmul is then done once per distinct input and gathered."""
+    input-to-gate matmul is then done once per distinct input and gathered.
+
+    The input-to-gate matmul is hoisted out of the time loop, in blocks of consecutive steps of
+    at most ~16 MB of gates: one (N, 4H) block would be a fresh mmap'ed allocation per call, and
+    first-touch page faults cost ~1 ms/MB on this machine (as much as a good part of the matmul);
+    blocks of this size are recycled by malloc."""
     D = len(cells)
     lin = [cell.packed_weights(dtype) for cell in cells]
+    H4 = cells[0].state_weight.shape[0]
+    budget = max(pk.batch_sizes[0] if pk.N else 1,
+                 (16 << 20) // (H4 * torch.finfo(dtype).bits // 8))
+    gx_u = None
     if unique is not None:
         rep, index = unique
-        gx = [lin_ih(rep.to(dtype), b).index_select(0, idx)
-              for idx, (lin_ih, b, _, _) in zip(index, lin)]
-    else:
-        gx = [lin_ih(x.to(dtype), b) for x, (lin_ih, b, _, _) in zip(xs, lin)]  # hoisted (N, 4H)
+        gx_u = [lin_ih(rep.to(dtype), b) for lin_ih, b, _, _ in lin]          # (U, 4H)
     ys = [x.new_empty(pk.N, cell.proj_dim, dtype=dtype) for x, cell in zip(xs, cells)]
     cs = [c0.float().clone() for c0 in c0s]
     h_prev = [h0.to(dtype) for h0 in h0s]
-    for n, o in zip(pk.batch_sizes, pk.offsets):
-        for d in range(D):
-            cell = cells[d]
-            _, _, lin_hh, lin_p = lin[d]
-            z = lin_hh(h_prev[d][:n], add=gx[d][o:o + n])
-            m = _cell_update(z, cs[d][:n], cell.cell_clip)
-            h = ys[d][o:o + n]
-            h.copy_(lin_p(m, clip=cell.proj_clip))
-            h_prev[d] = h
+    for steps, r0, r1 in pk.blocks(budget):
+        if gx_u is not None:
+            gx = [g.index_select(0, idx[r0:r1]) for g, idx in zip(gx_u, index)]
+        else:
+            gx = [lin_ih(x[r0:r1].to(dtype), b) for x, (lin_ih, b, _, _) in zip(xs, lin)]
+        for n, o in steps:
+            for d in range(D):
+                cell = cells[d]
+                _, _, lin_hh, lin_p = lin[d]
+                z = lin_hh(h_prev[d][:n], add=gx[d][o - r0:o - r0 + n])
+                m = _cell_update(z, cs[d][:n], cell.cell_clip)
+                h = ys[d][o:o + n]
+                h.copy_(lin_p(m, clip=cell.proj_clip))
+                h_prev[d] = h
     hs = [pk.final(y, h0.to(dtype)).float() for y, h0 in zip(ys, h0s)]
     return ys, cs, hs
 
