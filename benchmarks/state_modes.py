@@ -144,10 +144,9 @@ class Words:
 def packed_rows(sentences, words: Words, B: int, T: int, reverse: bool, rng: random.Random):
     """bilm-tf _get_batch: B rows, each an endless stream of shuffled sentences, `[<S>] + s` as
     inputs with `s + [</S>]` as targets (reversed: `</S>` first); yields (inputs, targets)."""
-    order = list(range(len(sentences)))
-
     def stream():
-        while True:
+        order = list(range(len(sentences)))   # each row its own order (a shared list would
+        while True:                            # make all rows read the same sentences)
             rng.shuffle(order)
             for k in order:
                 s = sentences[k][::-1] if reverse else sentences[k]
