@@ -94,11 +94,14 @@ def _embed_parser(p: argparse.ArgumentParser) -> Callable:
                    help="dir with options.json + weights.hdf5, or a pretrained name "
                         "(small, medium, original, original-5.5B; downloaded once, cached in "
                         "$TORCH_ELMO_CACHE or ~/.cache/torch_elmo)")
-    p.add_argument("--input", required=True, help="text file, one whitespace-tokenized sentence a line")
+    p.add_argument("--input", required=True,
+                   help="UTF-8 text file, one whitespace-tokenized sentence a line (dataset "
+                        "'i' = line i; bytes that are not UTF-8 become U+FFFD, with a warning "
+                        "naming the first file:line)")
     p.add_argument("--output", required=True, help="HDF5 file to write (atomically)")
     p.add_argument("--layers", choices=["all", "top", "average"], default="all",
                    help="all: (3, n, 2P) per line; top: layer 2; average: mean of the 3 layers")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="sentences per biLM batch")
     p.add_argument("--state", choices=list(embed.STATE_MODES), default=embed.DEFAULT_STATE,
                    help="initial LSTM state: carry = bilm-tf/allennlp (depends on batch history), "
                         "zero, warm = fixed warmed-up state (default %(default)s; README "

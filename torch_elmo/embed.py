@@ -512,11 +512,13 @@ class Elmo(nn.Module):
         for mix in self.scalar_mixes:
             r = mix(out["layers"], mask)
             if self.keep_sentence_boundaries:
-                r, m = r * mask.unsqueeze(2).to(r.dtype), mask
+                r = r * mask.unsqueeze(2).to(r.dtype)
             else:
-                r, m = remove_sentence_boundaries(r, mask)
+                r = remove_sentence_boundaries(r, mask)[0]
             reps.append(self.dropout(r).reshape(*lead, *r.shape[1:]))
-        return {"elmo_representations": reps, "mask": m.reshape(*lead, m.shape[1])}
+        if not self.keep_sentence_boundaries:
+            mask = remove_sentence_boundaries(out["layers"][0], mask)[1]
+        return {"elmo_representations": reps, "mask": mask.reshape(*lead, mask.shape[1])}
 
     def save_weights(self, weight_file: str | os.PathLike) -> None:
         save_weights(self.bilm, weight_file)
