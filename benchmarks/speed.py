@@ -34,6 +34,7 @@ import os
 import random
 import sys
 import time
+from typing import Optional
 
 # libgomp's default (spin, then sleep) makes every parallel op wait a scheduler time slice when
 # the 2 cores are shared with other processes: a 2-thread torch.mul then takes ~15 ms instead of
@@ -68,6 +69,41 @@ def matmul_peak(dtype: torch.dtype, reps: int = 5) -> dict:
             best = min(_time(lambda: lp(a, w, None, "none", [], "")) for _ in range(reps))
             out[f"oneDNN {n}"] = flops / best / 1e9
     return out
+
+
+class LocalPeak:
+    """The matmul throughput available right now: a (1024 x 2048) x (2048 x 2048) product, best of
+    two, just before and just after each timed batch (the max of the two is that batch's local
+    peak). On a machine shared with other jobs the load drifts during a run; a ratio to the
+    local peak is steadier than one to a peak measured minutes earlier."""
+
+    def __init__(self):
+        self.data = {}
+        for dt in (torch.float32, torch.bfloat16):
+            a, b = torch.randn(1024, 2048, dtype=dt), torch.randn(2048, 2048, dtype=dt)
+            w = torch.ops.mkldnn._reorder_linear_weight(b, 1024) if _ONEDNN else None
+            self.data[dt] = (a, b, w)
+
+    def __call__(self, dtype: torch.dtype) -> float:
+        a, b, w = self.data[dtype]
+        if w is not None:
+            lp = torch.ops.mkldnn._linear_pointwise
+            f = lambda: lp(a, w, None, "none", [], "")  # noqa: E731
+        else:
+            f = lambda: torch.mm(a, b)  # noqa: E731
+        return 2 * 1024 * 2048 * 2048 / min(_time(f) for _ in range(2)) / 1e9
+
+
+PROBE: Optional[LocalPeak] = None
+
+
+def _timed(fn, dtype: torch.dtype = torch.float32):
+    """(result, seconds, local peak GFLOP/s) of fn()."""
+    before = PROBE(dtype)
+    t = time.perf_counter()
+    out = fn()
+    seconds = time.perf_counter() - t
+    return out, seconds, max(before, PROBE(dtype))
 
 
 def _time(fn) -> float:
@@ -152,28 +188,35 @@ def bench_inference(name: str, corpus: Corpus, n_batches: int, n_ref: int, peaks
         times, state = [], None
         for ids in ids_list:
             with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                t = time.perf_counter()
-                out = fn(ids, state)
-                times.append(time.perf_counter() - t)
+                out, seconds, peak = _timed(lambda: fn(ids, state),
+                                            torch.bfloat16 if autocast else torch.float32)
+                times.append((seconds, peak))
             state = out["state"]
         return times, out
 
     P, H = options.lstm.projection_dim, options.lstm.dim
 
-    def stats(times, ids_list, reference=False):
+    def stats(timed_peaks, ids_list, reference=False):
+        times, peaks = [t for t, _ in timed_peaks], [p for _, p in timed_peaks]
         pos = [int((i > 0).any(-1).sum()) for i in ids_list]
         words = [p - 2 * i.shape[0] for p, i in zip(pos, ids_list)]
         k = min(range(len(times)), key=lambda j: times[j] / pos[j])
         r = {"positions_per_s": pos[k] / times[k], "words_per_s": words[k] / times[k],
-             "seconds_per_batch": times[k], "all_seconds": [round(t, 3) for t in times]}
+             "seconds_per_batch": times[k], "all_seconds": [round(t, 3) for t in times],
+             "local_peaks": [round(p, 1) for p in peaks]}
         r["gflops"] = r["positions_per_s"] * per_pos / 1e9
-        cnn_flops, n_unique = executed_token_flops(options, ids_list[k])
-        if reference:      # every position of the padded (B, T) batch, every window
-            executed = ids_list[k].shape[0] * ids_list[k].shape[1] * per_pos
-        else:              # layer 0's input-to-gate matmul runs on the distinct tokens only
-            executed = cnn_flops + pos[k] * fl["lstm"] - (pos[k] - n_unique) * 2 * 2 * P * 4 * H
-        r["executed_gflops"] = executed / times[k] / 1e9
-        r["distinct_tokens"] = n_unique
+        executed = []
+        for ids, p in zip(ids_list, pos):
+            cnn_flops, n_unique = executed_token_flops(options, ids)
+            if reference:      # every position of the padded (B, T) batch, every window
+                executed.append(ids.shape[0] * ids.shape[1] * per_pos)
+            else:              # layer 0's input-to-gate matmul runs on the distinct tokens only
+                executed.append(cnn_flops + p * fl["lstm"] - (p - n_unique) * 2 * 2 * P * 4 * H)
+        r["executed_gflops"] = executed[k] / times[k] / 1e9
+        r["distinct_tokens"] = executed_token_flops(options, ids_list[k])[1]
+        # against each batch's local peak; the best batch
+        r["local_ratio"] = max(p * per_pos / t / 1e9 / pk for p, t, pk in zip(pos, times, peaks))
+        r["local_ratio_executed"] = max(e / t / 1e9 / pk for e, t, pk in zip(executed, times, peaks))
         return r
 
     timed = batches[1:]
@@ -330,15 +373,20 @@ def bench_training(corpus: Corpus, n_steps: int, n_ref: int, B: int = 128, T: in
 
     def run(loss_fn, batch_list):
         times = []
+        state = None
         for batch in batch_list:
-            state = bilm.zero_state(batch["fwd_chars"].shape[0]) if not times else state
-            t = time.perf_counter()
-            loss, state = loss_fn(batch, state)
-            (loss * T).backward()
-            torch.nn.utils.clip_grad_norm_(params, options.all_clip_norm_val)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            times.append(time.perf_counter() - t)
+            if state is None:
+                state = bilm.zero_state(batch["fwd_chars"].shape[0])
+
+            def step(batch=batch, state=state):
+                loss, new_state = loss_fn(batch, state)
+                (loss * T).backward()
+                torch.nn.utils.clip_grad_norm_(params, options.all_clip_norm_val)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                return new_state
+            state, seconds, peak = _timed(step)
+            times.append((seconds, peak))
             state = (state[0].detach(), state[1].detach())
         return times
 
@@ -350,18 +398,25 @@ def bench_training(corpus: Corpus, n_steps: int, n_ref: int, B: int = 128, T: in
            "softmax": "torch_elmo.train" if lm is not None else "benchmark gather+matmul",
            "flops_per_token": per_token}
 
-    def stats(times, batch_list, reference=False):
+    def stats(timed_peaks, batch_list, reference=False):
+        times, peaks = [t for t, _ in timed_peaks], [p for _, p in timed_peaks]
+        executed = []
+        for b in batch_list:
+            chars = torch.cat([b["fwd_chars"], b["bwd_chars"]])
+            if reference:      # no deduplication, every window
+                executed.append(B * T * per_token)
+            else:
+                executed.append(3 * (executed_token_flops(options, chars)[0]
+                                     + B * T * (fl["lstm"] + n_dirs * 2 * P * (n_samples + 1))))
         k = min(range(len(times)), key=lambda j: times[j])
-        b = batch_list[k]
-        chars = torch.cat([b["fwd_chars"], b["bwd_chars"]])
-        if reference:      # no deduplication, every window
-            exe = B * T * per_token
-        else:
-            exe = 3 * (executed_token_flops(options, chars)[0]
-                       + B * T * (fl["lstm"] + n_dirs * 2 * P * (n_samples + 1)))
         return {"tokens_per_s": B * T / times[k], "seconds_per_step": times[k],
                 "all_seconds": [round(t, 3) for t in times],
-                "gflops": B * T * per_token / times[k] / 1e9, "executed_gflops": exe / times[k] / 1e9}
+                "local_peaks": [round(p, 1) for p in peaks],
+                "gflops": B * T * per_token / times[k] / 1e9,
+                "executed_gflops": executed[k] / times[k] / 1e9,
+                "local_ratio": max(B * T * per_token / t / 1e9 / p for t, p in zip(times, peaks)),
+                "local_ratio_executed": max(e / t / 1e9 / p
+                                            for e, t, p in zip(executed, times, peaks))}
 
     run(loss_fast, [warm])
     res["fast"] = stats(run(loss_fast, batches[1:]), batches[1:])
@@ -378,6 +433,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    global PROBE
+    PROBE = LocalPeak()
     t_start = time.time()
     q = args.quick
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY="
@@ -403,49 +460,62 @@ def main(argv=None) -> int:
     print(f"\npeak used for ratios: fp32 {fp32_mm:.0f} GFLOP/s (torch.mm), "
           f"{fp32_all:.0f} (best of torch.mm / oneDNN); bf16 {bf16_all:.0f}")
 
+    hdr = (f"  {'path':10s}{'tok/s':>9s}{'GFLOP/s':>9s}{'%mm-pk':>8s}{'%best-pk':>9s}"
+           f"{'%local':>8s}{'exe GF/s':>9s}{'%best':>7s}{'%local':>8s}{'x ref':>7s}  seconds")
+
+    def row(name, tok_s, s, peak, ref_tok_s=None):
+        print(f"  {name:10s}{tok_s:9.0f}{s['gflops']:9.1f}{100 * s['gflops'] / fp32_mm:8.1f}"
+              f"{100 * s['gflops'] / peak:9.1f}{100 * s['local_ratio']:8.1f}"
+              f"{s['executed_gflops']:9.1f}{100 * s['executed_gflops'] / peak:7.1f}"
+              f"{100 * s['local_ratio_executed']:8.1f}"
+              + (f"{tok_s / ref_tok_s:7.1f}" if ref_tok_s else f"{'':7s}")
+              + f"  {s['all_seconds']} (local peaks {s['local_peaks']})")
+
+    print("\ncolumns: tok/s = words/s (inference; <S> </S> excluded) or target tokens/s "
+          "(training); GFLOP/s by the issue's accounting over all biLM positions; % of the fp32 "
+          "torch.mm peak, of the best peak (fp32, or bf16 for bf16 rows), of the local peak "
+          "(best batch); exe = FLOPs this path really executes (deduplicated, trimmed char "
+          "CNN; the reference executes every padded position); x ref = speed-up over the "
+          "reference; seconds = every timed batch (the best is used)")
     for key in ("inference_original", "inference_small"):
         r = results[key]
         print(f"\n== inference, {r['preset']} preset, batch 64, "
               f"{r['flops_per_position'] / 1e6:.1f} MFLOP/position forward "
-              f"({', '.join(f'{k} {v / 1e6:.1f}M' for k, v in r['flops_breakdown'].items())})")
+              f"({', '.join(f'{k} {v / 1e6:.1f}M' for k, v in r['flops_breakdown'].items())}); "
+              f"{r['fp32']['distinct_tokens']} distinct tokens in the best fp32 batch")
+        print(hdr)
+        ref = r["reference"]["words_per_s"]
         for mode in ("fp32", "bf16", "reference"):
-            if mode not in r:
-                continue
-            s = r[mode]
-            peak = bf16_all if mode == "bf16" else fp32_all
-            line = (f"  {mode:9s} {s['words_per_s']:8.0f} words/s {s['positions_per_s']:8.0f} "
-                    f"positions/s  {s['gflops']:6.1f} GFLOP/s = {100 * s['gflops'] / fp32_mm:5.1f}% "
-                    f"of torch.mm fp32 peak, {100 * s['gflops'] / peak:5.1f}% of best "
-                    f"{'bf16' if mode == 'bf16' else 'fp32'} peak;  executed "
-                    f"{s['executed_gflops']:6.1f} GFLOP/s ({100 * s['executed_gflops'] / peak:4.1f}%)")
-            if mode != "reference":
-                line += f";  x{s['positions_per_s'] / r['reference']['positions_per_s']:.1f} reference"
-            print(line)
+            if mode in r:
+                row(mode, r[mode]["words_per_s"], r[mode], bf16_all if mode == "bf16" else fp32_all,
+                    None if mode == "reference" else ref)
         if "bf16" in r:
             d = r["bf16_deviation"]
-            print(f"  bf16 / fp32 speed: x{r['bf16']['positions_per_s'] / r['fp32']['positions_per_s']:.2f}"
-                  f";  bf16 deviation of the top layer: max |d| {d['max_abs']:.3g}, mean |d| "
+            print(f"  bf16 / fp32 speed x{r['bf16']['words_per_s'] / r['fp32']['words_per_s']:.2f}; "
+                  f"bf16 deviation of the top layer: max |d| {d['max_abs']:.3g}, mean |d| "
                   f"{d['mean_abs']:.3g}, relative L2 {d['rel_l2']:.3g}, min cosine {d['cosine_min']:.5f}")
-        print(f"  fast fp32 vs reference on one batch: max |d| over layers "
-              f"{r['max_abs_diff_vs_reference']:.2e}")
+        print(f"  fast fp32 vs reference: max |d| over all layers {r['max_abs_diff_vs_reference']:.2e}")
     r = results["training_small"]
     print(f"\n== training, small preset, {r['B']} x {r['T']}, sampled softmax ({r['softmax']}, "
-          f"{r['n_samples']} negatives, V = {r['n_vocab']}), forward + backward + Adagrad: "
+          f"{r['n_samples']} negatives, V = {r['n_vocab']}), forward + backward + clip + Adagrad, "
           f"{r['flops_per_token'] / 1e6:.0f} MFLOP/token")
-    for mode in ("fast", "reference"):
-        s = r[mode]
-        line = (f"  {mode:9s} {s['tokens_per_s']:8.0f} tokens/s  {s['gflops']:6.1f} GFLOP/s = "
-                f"{100 * s['gflops'] / fp32_mm:5.1f}% of torch.mm fp32 peak, "
-                f"{100 * s['gflops'] / fp32_all:5.1f}% of best;  executed {s['executed_gflops']:6.1f}"
-                f" GFLOP/s ({100 * s['executed_gflops'] / fp32_all:4.1f}%)")
-        if mode == "fast":
-            line += f";  x{s['tokens_per_s'] / r['reference']['tokens_per_s']:.1f} reference"
-        print(line)
-    print(f"\nper-batch seconds (best used above): "
-          + "; ".join(f"{k} {m}: {results[k][m]['all_seconds']}" for k in
-                      ("inference_original", "inference_small") for m in ("fp32", "bf16", "reference")
-                      if m in results[k])
-          + f"; training fast: {r['fast']['all_seconds']}, reference: {r['reference']['all_seconds']}")
+    print(hdr)
+    row("fast", r["fast"]["tokens_per_s"], r["fast"], fp32_all, r["reference"]["tokens_per_s"])
+    row("reference", r["reference"]["tokens_per_s"], r["reference"], fp32_all)
+
+    o, sm, tr = results["inference_original"], results["inference_small"], results["training_small"]
+    print("\n== targets (issue 6): best peak / local peak")
+    print(f"  inference original fp32 >= 65% of fp32 peak: {100 * o['fp32']['gflops'] / fp32_all:.0f}%"
+          f" / {100 * o['fp32']['local_ratio']:.0f}% (executed FLOPs: "
+          f"{100 * o['fp32']['executed_gflops'] / fp32_all:.0f}% / "
+          f"{100 * o['fp32']['local_ratio_executed']:.0f}%)")
+    if "bf16" in o:
+        print(f"  bf16 inference >= 1.6x fp32: original x{o['bf16']['words_per_s'] / o['fp32']['words_per_s']:.2f},"
+              f" small x{sm['bf16']['words_per_s'] / sm['fp32']['words_per_s']:.2f}")
+    print(f"  training small incl. sampled softmax >= 45% of peak: "
+          f"{100 * tr['fast']['gflops'] / fp32_all:.0f}% / {100 * tr['fast']['local_ratio']:.0f}% "
+          f"(executed FLOPs: {100 * tr['fast']['executed_gflops'] / fp32_all:.0f}% / "
+          f"{100 * tr['fast']['local_ratio_executed']:.0f}%)")
     print(f"total benchmark time {time.time() - t_start:.0f} s, load average at end: {_loadavg()}")
     if args.json:
         with open(args.json, "w") as f:

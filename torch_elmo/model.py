@@ -20,20 +20,27 @@ the fast path is tested against it to 1e-5):
   (descending, stable); step t holds only the n_t rows still running, contiguously, so finished
   rows drop out of the step matmul and no per-step mask is needed. The backward direction is the
   same layout with each row's positions taken in reverse (an index, no reversing copies).
-* Input-to-gate matmul hoisted out of the time loop: one matmul over all valid positions.
+* Input-to-gate matmul hoisted out of the time loop (over all valid positions, in blocks of
+  steps); at inference layer 0's is done once per distinct token and gathered.
 * Inference (`BiLM.forward` without autograd): both directions advanced together step by step,
   gate non-linearities and the cell update in place, the recurrent and projection matmuls with
-  oneDNN weights prepacked once (`_Linear`); on this CPU that beats MKL's skinny sgemm and a
-  batched (2, n, P) x (2, P, 4H) bmm by about 2x (benchmarks/speed.py prints the numbers).
+  oneDNN weights prepacked once (`_Linear`, cached until a weight changes); on this CPU two such
+  calls per step beat one batched (2, n, P) x (2, P, 4H) MKL bmm (the "one batched matmul per
+  step" idea) by 1.1x to 2.5x, and MKL's skinny sgemm by more (benchmarks/speed.py prints it).
+* tanh(x) computed as 2 sigmoid(2x) - 1: torch.tanh is ~7x slower than torch.sigmoid here.
 * Training (`run_direction` with autograd): one autograd node per layer (`_LSTMPFunction`) with
   a hand-written backward through time; the weight gradients are one large matmul each over all
-  steps instead of one small one per step.
+  steps instead of one small one per step. Directions stay separate calls: fusing them cannot
+  batch the matmuls (two weights; the batched bmm is the slower kernel) and gained nothing.
 * Char CNN: computed once per distinct token of the call (padding and repeats gathered back,
   their gradients summed), and only over the convolution windows that touch a real character:
   the windows lying entirely in the within-word padding all give the same value, computed once.
   Exact: max over all windows is unchanged.
 * bf16: under `torch.autocast("cpu", dtype=torch.bfloat16)` the inference path runs its matmuls
-  in bf16 (cell state and outputs kept in fp32). fp32 stays the default and the exact path.
+  in bf16 (cell state and element-wise math in fp32, outputs returned in fp32). fp32 stays the
+  default and the exact path.
+* Not used: torch.compile of the step's element-wise part (measured: within noise of eager,
+  which is ~5% of inference time, for 17-22 s of compilation per process).
 """
 from __future__ import annotations
 
@@ -118,13 +125,18 @@ class _Linear:
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b for the large one-shot matmuls of the backward pass: oneDNN on CPU when `a` is
-    row-major (input gradients); torch.mm when `a` is a transposed view (weight gradients: MKL
-    takes the transpose as a flag, while a contiguous copy of e.g. a (2560, 4096) gradient
-    costs more than the matmul on this CPU)."""
-    if _onednn_ok(a) and a.dtype == b.dtype and a.is_contiguous() and a.shape[0] > 0 \
-            and a.shape[1] > 0:
-        return torch.ops.mkldnn._linear_pointwise(a, b.t(), None, "none", [], "")
+    """a @ b for the large one-shot matmuls of the backward pass, with oneDNN on CPU.
+
+    Input gradients (a row-major): a @ b directly. Weight gradients (a = g.t(), a transposed
+    view, b = x): computed as (x.t() @ g).t() with g as oneDNN's weight operand, so only the
+    small x is transposed; a contiguous copy of e.g. a (2560, 4096) g costs more than the
+    matmul on this CPU (strided by a power of two), and MKL's sgemm is slower here."""
+    if _onednn_ok(a) and a.dtype == b.dtype and a.numel() > 0 and b.numel() > 0:
+        lp = torch.ops.mkldnn._linear_pointwise
+        if a.is_contiguous():
+            return lp(a, b.t(), None, "none", [], "")
+        if a.t().is_contiguous():
+            return lp(b.t().contiguous(), a, None, "none", [], "").t()
     return a @ b
 
 
