@@ -596,7 +596,7 @@ def _cell_update(z: torch.Tensor, c: torch.Tensor, cell_clip: Optional[float]) -
     t = _tanh_via_sigmoid(c)
     if z.dtype == torch.float32:
         return t.mul_(o)
-    return torch.mul(t, o, out=torch.empty(t.shape, dtype=z.dtype))   # rounded once, to bf16
+    return torch.mul(t, o, out=t.new_empty(t.shape, dtype=z.dtype))   # rounded once, to bf16
 
 
 def _infer_layer(cells: list[LSTMP], xs: list[torch.Tensor], pk: _Packing,
