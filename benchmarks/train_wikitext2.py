@@ -49,6 +49,7 @@ CONFIGS = {
                      "filters": [[1, 16], [2, 16], [3, 32], [4, 64], [5, 128], [6, 256]],
                      "max_characters_per_token": 50, "n_characters": 261, "n_highway": 1},
         "batch_size": 32, "unroll_steps": 20, "n_negative_samples_batch": 1024,
+        "state_reset_prob": 0.1,   # see config.Options.state_reset_prob: zero-state attractor
     },
     # a GPU: the released small model's shape
     "small": {**preset("small").to_dict(), "batch_size": 128, "unroll_steps": 20,

@@ -53,3 +53,10 @@ def test_training_keys_round_trip():
     o = preset("small").replace(batch_size=64, n_negative_samples_batch=16)
     assert Options.from_dict(o.to_dict()) == o
     assert "batch_size" not in o.to_dict(inference=True)
+
+
+def test_state_reset_prob_round_trips_and_defaults_to_bilm_tf():
+    assert preset("tiny").state_reset_prob == 0.0
+    o = preset("tiny").replace(state_reset_prob=0.1)
+    assert Options.from_dict(o.to_dict()).state_reset_prob == 0.1
+    assert "state_reset_prob" not in o.to_dict(inference=True)

@@ -492,3 +492,27 @@ def test_fractional_epochs_max_tokens_and_bf16(train_data, tmp_path):
     rec = train(opts, vocab, [data_file], str(tmp_path / "c"), epochs=1, bf16=True,
                 log_every=1, progress=False)
     assert rec["step"] == 6 and math.isfinite(rec["train_loss"])
+
+
+# ------------------------------------------------------- state_reset_prob (zero-state attractor)
+def test_state_reset_prob_changes_training_resumes_exactly_and_is_validated(tmp_path, capsys,
+                                                                            train_data, corpus):
+    """Rows' carried states zeroed at random (not in bilm-tf; default 0 = its recipe): the draws
+    come from the checkpointed RNG, so a run split in two equals one run."""
+    data_file, vocab_file = train_data
+    vocab = Vocabulary.read(vocab_file)
+    opts = Options.from_dict(bilm_tf_options(True)).replace(state_reset_prob=0.5)
+    train(opts, vocab, [data_file], str(tmp_path / "full"), epochs=2, progress=False)
+    train(opts, vocab, [data_file], str(tmp_path / "split"), epochs=1, progress=False)
+    train(opts, vocab, [data_file], str(tmp_path / "split"), epochs=2, resume=True, progress=False)
+    train(opts.replace(state_reset_prob=0.0), vocab, [data_file], str(tmp_path / "none"),
+          epochs=2, progress=False)
+    full, split, none = (load_checkpoint(str(tmp_path / d)) for d in ("full", "split", "none"))
+    assert json.loads(full["options"])["state_reset_prob"] == 0.5
+    for k in full["model"]:
+        torch.testing.assert_close(split["model"][k], full["model"][k], rtol=0, atol=1e-6)
+    assert any(not torch.equal(full["model"][k], none["model"][k]) for k in full["model"])
+    tmp, _, vocab_f, opts_f = corpus
+    rc, _, err = _run_cli(capsys, _cli_train(data_file, vocab_f, str(tmp / "r"), opts_f,
+                                             "--state-reset-prob", "1.5"))
+    assert rc == 2 and "state_reset_prob must be in [0, 1)" in _error_line(err)

@@ -43,6 +43,8 @@ def _train_parser(p: argparse.ArgumentParser) -> Callable:
     p.add_argument("--learning-rate", type=float, default=None)
     p.add_argument("--clip-norm", type=float, default=None)
     p.add_argument("--dropout", type=float, default=None)
+    p.add_argument("--state-reset-prob", type=float, default=None,
+                   help="zero each row's carried LSTM state before a batch with this probability")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from save-dir's checkpoint")
     p.add_argument("--init-from", default=None,

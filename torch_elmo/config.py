@@ -84,6 +84,11 @@ class Options:
     n_negative_samples_batch: int = 8192
     learning_rate: float = 0.2
     sample_softmax: bool = True
+    # Not in bilm-tf (0 = its recipe): before each batch, zero each row's carried LSTM state with
+    # this probability, so the model also learns from the zero state that evaluation and
+    # embedding start from. Without it a small model trained on WikiText-2 can fall from the
+    # zero state into a saturated, absorbing LSTM state (held-out perplexity in the 10^4s).
+    state_reset_prob: float = 0.0
 
     # ----------------------------------------------------------------------------- conversion
     def to_dict(self, inference: bool = False) -> dict:

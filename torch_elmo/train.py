@@ -851,6 +851,11 @@ def train(options: Options, vocab: Vocabulary, train_files: list[str], save_dir:
             except StopIteration:
                 raise ElmoError("the training data stream ended (no sentences?)") from None
             batch = _batch_to(batch, device)
+            if options.state_reset_prob > 0:   # rows that start this batch from the zero state
+                # global CPU RNG: saved in checkpoints (exact resume), per rank under torchrun
+                keep = torch.rand(state[0].shape[2]) >= options.state_reset_prob
+                keep = keep.to(device=state[0].device, dtype=state[0].dtype).view(1, 1, -1, 1)
+                state = (state[0] * keep, state[1] * keep)
             lm.train()
             with autocast():
                 loss, _, new_state = lm.training_loss(batch, state, sampler, n_samples)
@@ -977,13 +982,16 @@ def options_from_args(args, base: Optional[Options] = None) -> Options:
     overrides = {"batch_size": args.batch_size, "unroll_steps": args.unroll_steps,
                  "n_negative_samples_batch": args.n_negative_samples,
                  "learning_rate": args.learning_rate, "all_clip_norm_val": args.clip_norm,
-                 "dropout": args.dropout}
+                 "dropout": args.dropout,
+                 "state_reset_prob": getattr(args, "state_reset_prob", None)}
     options = options.replace(**{k: v for k, v in overrides.items() if v is not None})
     for k in ("batch_size", "unroll_steps", "n_negative_samples_batch"):
         if getattr(options, k) < 1:
             raise ElmoError(f"{k} must be >= 1, got {getattr(options, k)}")
     if not 0.0 <= options.dropout < 1.0:
         raise ElmoError(f"dropout must be in [0, 1), got {options.dropout}")
+    if not 0.0 <= options.state_reset_prob < 1.0:
+        raise ElmoError(f"state_reset_prob must be in [0, 1), got {options.state_reset_prob}")
     if options.learning_rate <= 0 or options.all_clip_norm_val <= 0:
         raise ElmoError("learning_rate and all_clip_norm_val must be > 0")
     return options
