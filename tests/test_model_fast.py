@@ -256,3 +256,13 @@ def test_unique_rows():
     uniq, inverse = _unique_rows(ids)
     assert torch.equal(uniq[inverse], ids)
     assert uniq.shape[0] == torch.unique(ids, dim=0).shape[0]
+
+
+def test_run_direction_empty_batch_with_grad():
+    model = _model()
+    model.train()
+    x = torch.zeros(0, 4, model.proj_dim, requires_grad=True)
+    c0, h0 = (s[0] for s in model.zero_state(0))
+    outs, c, h = model.run_direction(0, x, torch.ones(0, 4, dtype=torch.bool), c0, h0)
+    assert outs[-1].shape == (0, 4, model.proj_dim) and c.shape == (2, 0, model.hidden_dim)
+    (outs[-1].sum() + c.sum()).backward()

@@ -434,7 +434,7 @@ class LSTMP(nn.Module):
         if lengths is None:
             return self.forward_masked(x, valid, c, h)
         pk = _Packing(lengths, T)
-        xp = x.reshape(B * T, -1).index_select(0, pk.fwd_index)
+        xp = x.reshape(B * T, x.shape[2]).index_select(0, pk.fwd_index)
         y, c_s, h_s = self.run_packed(xp, pk, c.index_select(0, pk.order), h.index_select(0, pk.order))
         inv = pk.inverse_order
         return pk.unpack(y, pk.fwd_index), c_s.index_select(0, inv), h_s.index_select(0, inv)
@@ -470,7 +470,7 @@ class LSTMP(nn.Module):
         """Any (B, T) mask, not only prefixes: a step where a row is not valid leaves its state
         alone and outputs zeros. Plain autograd, one step at a time (slow, general)."""
         B, T, _ = x.shape
-        gates_x = torch.addmm(self.run_bias(), x.reshape(B * T, -1), self.input_weight.t())
+        gates_x = torch.addmm(self.run_bias(), x.reshape(B * T, x.shape[2]), self.input_weight.t())
         gates_x = gates_x.reshape(B, T, 4 * self.hidden_dim)
         w_hh, w_p = self.state_weight.t(), self.proj_weight.t()
         outputs = []
@@ -562,7 +562,7 @@ class _Packing:
         if self.full and self.identity and index is self.fwd_index:
             return y.reshape(self.T, self.B, y.shape[1]).transpose(0, 1)
         out = y.new_zeros(self.B * self.T, y.shape[1])
-        return out.index_copy(0, index, y).reshape(self.B, self.T, -1)
+        return out.index_copy(0, index, y).reshape(self.B, self.T, y.shape[1])
 
 
 # tanh(x) = 2 sigmoid(2x) - 1. torch.tanh on this CPU costs ~5 ns per element against ~0.4 for
@@ -655,12 +655,14 @@ class _LSTMPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, c0, h0, w_ih, w_hh, bias, w_p, pk, cell_clip, proj_clip):
         H, P = w_hh.shape[0] // 4, w_p.shape[0]
+        x = x.contiguous()
         run_bias = torch.cat([bias[:H], bias[H:2 * H] + FORGET_BIAS, bias[2 * H:]])
         gates = _Linear(_scale_j(w_ih), pack=False)(x, _scale_j(run_bias))   # (N, 4H)
         cs = x.new_empty(pk.N, H)
         tcs = x.new_empty(pk.N, H)
         y = x.new_empty(pk.N, P)
-        lin_hh, lin_p = _Linear(_scale_j(w_hh), batch_hint=pk.B), _Linear(w_p, batch_hint=pk.B)
+        hint = max(pk.B, 1)
+        lin_hh, lin_p = _Linear(_scale_j(w_hh), batch_hint=hint), _Linear(w_p, batch_hint=hint)
         prev = None
         for n, o in zip(pk.batch_sizes, pk.offsets):
             if prev is None:
@@ -711,8 +713,8 @@ class _LSTMPFunction(torch.autograd.Function):
         dh_state = d_h.clone() if d_h is not None else h0.new_zeros(B, P)
         dc_state = d_c.clone() if d_c is not None else c0.new_zeros(B, H)
         dY = y.new_empty(N, P)                                                  # grad of h pre-clip
-        lin_p_t = _Linear(w_p.t(), batch_hint=B)                                # (n, P) -> (n, H)
-        lin_hh_t = _Linear(w_hh.t(), batch_hint=B)                              # (n, 4H) -> (n, P)
+        lin_p_t = _Linear(w_p.t(), batch_hint=max(B, 1))                        # (n, P) -> (n, H)
+        lin_hh_t = _Linear(w_hh.t(), batch_hint=max(B, 1))                      # (n, 4H) -> (n, P)
         K3 = K.view(N, 4, H)
         for n, o_ in zip(reversed(pk.batch_sizes), reversed(pk.offsets)):
             dh = dY[o_:o_ + n]
@@ -802,7 +804,7 @@ class BiLM(nn.Module):
         if lengths is None:
             return self._run_direction_masked(d, x, valid, c0, h0)
         pk = _Packing(lengths, T)
-        xp = x.reshape(B * T, -1).index_select(0, pk.fwd_index)   # packed (N, P)
+        xp = x.reshape(B * T, x.shape[2]).index_select(0, pk.fwd_index)   # packed (N, P)
         c0s, h0s = c0.index_select(1, pk.order), h0.index_select(1, pk.order)
         outputs, cs, hs = [], [], []
         for l, layer in enumerate(self.directions[d]):
