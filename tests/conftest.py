@@ -1,6 +1,11 @@
 """Shared test helpers: locating ../shared, tiny models."""
 import os
-from pathlib import Path
+
+# Spinning OpenMP threads made 2-thread torch up to 10x slower when the 2 cores were shared; must be
+# set before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from pathlib import Path  # noqa: E402
 
 import pytest
 import torch
