@@ -207,35 +207,17 @@ def subsample(items: list, n: Optional[int], seed: int = 0) -> list:
 
 
 # ----------------------------------------------------------------------------------- the embedder
-def resolve_model(model: str | os.PathLike) -> tuple[Path, Path]:
-    """A model directory -> (options.json, weights file); weights.hdf5 or lm_weights.hdf5."""
+def load_embedder(model, device: str = "cpu", bilm=None, state: str = "warm"):
+    """An ElmoEmbedder for a model dir or pretrained name (hub.resolve_model), or an in-memory
+    BiLM, with a deterministic state: "warm" (embed.py's default) or "zero"."""
+    from . import embed
+    from .hub import resolve_model
+    if bilm is not None:
+        return embed.ElmoEmbedder(None, None, model=bilm, device=device, state=state)
     if model is None:
         raise ElmoError("--model is required (a dir with options.json + weights.hdf5)")
-    d = Path(model)
-    if not d.exists():
-        raise ElmoError(f"{model}: no such model directory")
-    if d.is_file():
-        raise ElmoError(f"{model}: expected a directory with options.json + weights.hdf5")
-    options = d / "options.json"
-    if not options.exists():
-        raise ElmoError(f"{model}: no options.json in the model directory")
-    for name in ("weights.hdf5", "lm_weights.hdf5"):
-        if (d / name).exists():
-            return options, d / name
-    raise ElmoError(f"{model}: no weights.hdf5 (or lm_weights.hdf5) in the model directory")
-
-
-def load_embedder(model, device: str = "cpu", bilm=None, state: str = "warm"):
-    """An ElmoEmbedder for a model dir (or an in-memory BiLM) with a deterministic state:
-    "warm" (every batch starts from the biLM's state after a fixed warm-up text, embed.py's
-    default) or "zero"; with an embed.py that only knows "carry", the state is reset to zero
-    before every batch (see embed_layers)."""
-    from . import embed
-    kw = {"state": state} if state in getattr(embed, "STATE_MODES", ("carry",)) else {}
-    if bilm is not None:
-        return embed.ElmoEmbedder(None, None, model=bilm, device=device, **kw)
     options, weights = resolve_model(model)
-    return embed.ElmoEmbedder(options, weights, device=device, **kw)
+    return embed.ElmoEmbedder(options, weights, device=device, state=state)
 
 
 def embed_layers(embedder, sentences: Sequence[Sequence[str]], batch_size: int = 64,
