@@ -222,6 +222,44 @@ def test_sampled_softmax_loss_is_tf_formula():
     assert math.isclose(loss, total / N, rel_tol=1e-5)
 
 
+def _sampled_softmax_autograd(x, y, W, b, sampler, n):
+    """The same loss written with plain autograd ops (masked copy, concatenation,
+    cross_entropy): what the fused _SampledSoftmaxCE must equal, value and gradients."""
+    N = y.numel()
+    ids, tries = sampler.sample(n)
+    all_ids = torch.cat([y, ids])
+    log_q = torch.log(sampler.expected_count(all_ids, n, tries)).to(x.dtype)
+    w, bias = W[all_ids], b[all_ids] - log_q
+    true = (x * w[:N]).sum(1) + bias[:N]
+    sampled = (x @ w[N:].t() + bias[N:]).masked_fill(y[:, None] == ids[None, :], -3.4e38)
+    return torch.nn.functional.cross_entropy(torch.cat([true[:, None], sampled], 1),
+                                             torch.zeros_like(y))
+
+
+def test_fused_sampled_softmax_equals_autograd_formula_with_accidental_hits():
+    torch.manual_seed(3)
+    V, P, N, n = 40, 6, 300, 25
+    x = torch.randn(N, P, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(V, P, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(V, dtype=torch.float64, requires_grad=True)
+    y = LogUniformSampler(V, seed=4).draw(N)          # frequent classes: many accidental hits
+    fused = sampled_softmax_loss(x, y, W, b, LogUniformSampler(V, seed=5), n)
+    ref = _sampled_softmax_autograd(x, y, W, b, LogUniformSampler(V, seed=5), n)
+    ids, _ = LogUniformSampler(V, seed=5).sample(n)
+    assert int((y[:, None] == ids[None, :]).sum()) > 50           # the hits really occur
+    g_fused = torch.autograd.grad(2.5 * fused, [x, W, b], retain_graph=True)
+    g_ref = torch.autograd.grad(2.5 * ref, [x, W, b])
+    assert abs(float(fused.detach()) - float(ref.detach())) < 1e-10
+    for a, r in zip(g_fused, g_ref):
+        assert torch.allclose(a, r, rtol=0, atol=1e-12), float((a - r).abs().max())
+    with pytest.raises(RuntimeError, match="backward twice"):     # the logits were consumed
+        torch.autograd.grad(fused, [x])
+    # fp32 inputs (the training dtype) agree with the fp64 formula to fp32 rounding
+    loss32 = sampled_softmax_loss(x.detach().float(), y, W.detach().float(), b.detach().float(),
+                                  LogUniformSampler(V, seed=5), n)
+    assert loss32.dtype == torch.float32 and abs(float(loss32) - float(ref.detach())) < 1e-5
+
+
 def test_adagrad_and_clipping_match_tf_update():
     torch.manual_seed(2)
     w = torch.nn.Parameter(torch.randn(5, 3))

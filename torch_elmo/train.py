@@ -51,7 +51,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import N_CHARACTERS_TRAIN, ElmoError, Options, preset, read_options
-from .model import BiLM
+from .model import BiLM, _Linear, _mm
 from .vocab import Vocabulary
 
 CHECKPOINT = "checkpoint.pt"
@@ -130,7 +130,7 @@ def sampled_softmax_loss(x: torch.Tensor, targets: torch.Tensor, W: torch.Tensor
     """TF `sampled_softmax_loss` defaults (remove_accidental_hits, subtract_log_q), mean over rows.
 
     x (N, P), targets (N,). ONE set of `n_samples` negatives for all N rows, ONE gather of the
-    true and sampled rows of W and b, ONE (N, P) x (P, S) matmul."""
+    true and sampled rows of W and b, ONE (N, P) x (P, S) matmul (in `_SampledSoftmaxCE`)."""
     N = targets.numel()
     sampled, num_tries = sampler.sample(n_samples)
     sampled = sampled.to(targets.device)
@@ -138,12 +138,59 @@ def sampled_softmax_loss(x: torch.Tensor, targets: torch.Tensor, W: torch.Tensor
     log_q = torch.log(sampler.expected_count(ids.cpu(), n_samples, num_tries)).to(x.device)
     w = W.index_select(0, ids)                                       # (N + S, P)
     bias = b.index_select(0, ids) - log_q                            # (N + S,)
-    true_logit = (x * w[:N]).sum(dim=1) + bias[:N]                   # (N,)
-    sampled_logits = torch.addmm(bias[N:], x, w[N:].t())             # (N, S)
-    hits = targets.unsqueeze(1) == sampled.unsqueeze(0)              # accidental hits
-    sampled_logits = sampled_logits.float().masked_fill(hits, -_FLOAT32_MAX)
-    logits = torch.cat([true_logit.float().unsqueeze(1), sampled_logits], dim=1)
-    return F.cross_entropy(logits, targets.new_zeros(N))
+    hit_rows, hit_cols = _accidental_hits(targets, sampled)
+    return _SampledSoftmaxCE.apply(x, w, bias, hit_rows, hit_cols, N)
+
+
+def _accidental_hits(targets: torch.Tensor, sampled: torch.Tensor):
+    """(row, column) of every sampled class equal to its row's target, without the (N, S)
+    comparison: the sampled classes are distinct, so a binary search over them finds each
+    target's column, if any."""
+    sorted_s, order = sampled.sort()
+    pos = torch.searchsorted(sorted_s, targets).clamp_(max=sorted_s.numel() - 1)   # (N,)
+    rows = (sorted_s[pos] == targets).nonzero().squeeze(1)
+    return rows, order[pos[rows]]
+
+
+class _SampledSoftmaxCE(torch.autograd.Function):
+    """mean_i [log(exp(t_i) + sum_s exp(L_is)) - t_i] with t_i = x_i.w_i + b_i (true class) and
+    L = x w_S^T + b_S (N, S) (sampled classes; accidental hits at -FLOAT_MAX as in TF).
+
+    The (N, S) logits are the one big tensor: written once by the matmul, read once by
+    logsumexp; the backward turns them into probabilities in place (one pass) and feeds them to
+    the two gradient matmuls. The autograd version of the same formula (a masked copy, a
+    concatenation with the true logit, log_softmax and its backward) makes ~4x the memory
+    traffic over (N, S), which on a CPU costs as much as the matmuls. Computed in fp32 whatever
+    the input dtype (bf16 logits would round the partition function); fp64 stays fp64."""
+
+    @staticmethod
+    def forward(ctx, x, w, bias, hit_rows, hit_cols, N):
+        ct = torch.promote_types(x.dtype, torch.float32)
+        xf, wf, bf = x.to(ct), w.to(ct), bias.to(ct)
+        true = (xf * wf[:N]).sum(1) + bf[:N]                          # (N,)
+        L = _Linear(wf[N:], pack=False)(xf, bf[N:])                  # (N, S), bias fused
+        L[hit_rows, hit_cols] = -_FLOAT32_MAX
+        m = torch.maximum(L.amax(1), true)                           # (N,) for stability
+        Z = L.sub_(m.unsqueeze(1)).exp_().sum(1) + torch.exp(true - m)
+        ctx.save_for_backward(xf, wf, Z, true - m)
+        ctx.L, ctx.N, ctx.dtypes = L, N, (x.dtype, w.dtype, bias.dtype)
+        return (torch.log(Z) - (true - m)).mean()                    # L now holds exp(L - m)
+
+    @staticmethod
+    def backward(ctx, g):
+        xf, wf, Z, true_m = ctx.saved_tensors
+        L, N = ctx.L, ctx.N
+        if L is None:
+            raise RuntimeError("_SampledSoftmaxCE: backward twice through the same graph")
+        ctx.L = None                                     # L becomes dLoss/dL in place
+        scale = g.to(Z.dtype) / N
+        P = L.mul_((scale / Z).unsqueeze(1))                                # (N, S) softmax / N
+        d_true = (torch.exp(true_m) / Z - 1.0) * scale                      # (N,)
+        d_x = _mm(P, wf[N:]).add_(d_true.unsqueeze(1) * wf[:N])             # (N, P)
+        d_w = torch.cat([d_true.unsqueeze(1) * xf, _mm(P.t(), xf)])        # (N + S, P)
+        d_b = torch.cat([d_true, P.sum(0)])                                 # (N + S,)
+        dx_t, dw_t, db_t = ctx.dtypes
+        return d_x.to(dx_t), d_w.to(dw_t), d_b.to(db_t), None, None, None
 
 
 def full_softmax_ce(x: torch.Tensor, targets: torch.Tensor, W: torch.Tensor, b: torch.Tensor,
