@@ -285,6 +285,7 @@ def _train_api():
     try:
         from torch_elmo import train as T
         T.LanguageModel, T.LogUniformSampler, T.sampled_softmax_loss, T.make_optimizer  # noqa
+        T.clip_by_global_norm  # noqa
         return T
     except (ImportError, AttributeError):
         return None
@@ -364,12 +365,16 @@ def bench_training(corpus: Corpus, n_steps: int, n_ref: int, B: int = 128, T: in
             top = outs[-1]
             x, y = top.reshape(-1, top.shape[-1]), batch[key].reshape(-1)
             if lm is not None:
-                losses.append(api.sampled_softmax_loss(x, y, W, bias, sampler, n_samples))
+                losses.append(api.sampled_softmax_loss(x, y, W, bias, sampler, n_samples,
+                                                       sparse=lm.sparse_softmax))
             else:
                 losses.append(_sampled_softmax(x, y, W, bias, n_samples))
             cs.append(c)
             hs.append(h)
         return sum(losses) / 2, (torch.stack(cs), torch.stack(hs))
+
+    # train.py's clip takes the sparse softmax gradient (clip_grad_norm_ does not)
+    clip = api.clip_by_global_norm if api is not None else torch.nn.utils.clip_grad_norm_
 
     def run(loss_fn, batch_list):
         times = []
@@ -381,7 +386,7 @@ def bench_training(corpus: Corpus, n_steps: int, n_ref: int, B: int = 128, T: in
             def step(batch=batch, state=state):
                 loss, new_state = loss_fn(batch, state)
                 (loss * T).backward()
-                torch.nn.utils.clip_grad_norm_(params, options.all_clip_norm_val)
+                clip(params, options.all_clip_norm_val)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 return new_state
@@ -425,6 +430,35 @@ def bench_training(corpus: Corpus, n_steps: int, n_ref: int, B: int = 128, T: in
     return res
 
 
+# ============================================================================ softmax update
+def bench_softmax_update(n_vocab: int = 793_471, P: int = 512, N: int = 2560, S: int = 8192,
+                         reps: int = 3) -> Optional[dict]:
+    """One direction's softmax part of a training step at the original model's vocabulary
+    (1B Word, 793,471 x 512): sampled softmax forward + backward, global-norm clip and Adagrad
+    over the softmax parameters, with the dense (V, P) gradient and with the sparse one of
+    LanguageModel.sparse_softmax (same update, tested in tests/test_train.py)."""
+    api = _train_api()
+    if api is None:
+        return None
+    W = torch.nn.Parameter(torch.randn(n_vocab, P) * 0.04)
+    b = torch.nn.Parameter(torch.zeros(n_vocab))
+    opt = api.make_optimizer([W, b], 0.2)
+    x = torch.randn(N, P, requires_grad=True)
+    y = api.LogUniformSampler(n_vocab, seed=3).draw(N)
+    sampler = api.LogUniformSampler(n_vocab, seed=1)
+    best = {}
+    for sparse in (False, True) * reps:
+        def step():
+            loss = api.sampled_softmax_loss(x, y, W, b, sampler, S, sparse=sparse)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            api.clip_by_global_norm([W, b], 10.0)
+            opt.step()
+        key = "sparse" if sparse else "dense"
+        best[key] = min(best.get(key, float("inf")), _time(step))
+    return {"n_vocab": n_vocab, "P": P, "N": N, "S": S, **best}
+
+
 # ============================================================================ report
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -451,6 +485,7 @@ def main(argv=None) -> int:
     results["inference_original"] = bench_inference("original", corpus, 1 if q else 2, 1, peaks)
     results["inference_small"] = bench_inference("small", corpus, 2 if q else 4, 1, peaks)
     results["training_small"] = bench_training(corpus, 1 if q else 2, 1)
+    results["softmax_update"] = None if q else bench_softmax_update()
     peaks["end"] = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
     _print_peaks("end", peaks["end"])
     fp32_mm = max(v for p in peaks.values() for k, v in p["fp32"].items() if k.startswith("torch"))
@@ -504,6 +539,13 @@ def main(argv=None) -> int:
     row("reference", r["reference"]["tokens_per_s"], r["reference"], fp32_all)
 
     o, sm, tr = results["inference_original"], results["inference_small"], results["training_small"]
+    su = results["softmax_update"]
+    if su:
+        print(f"\n== softmax part of a training step, one direction, V = {su['n_vocab']:,} x "
+              f"{su['P']} (the original model's vocabulary), N = {su['N']}, S = {su['S']}: dense "
+              f"gradient {su['dense']:.2f} s, sparse rows {su['sparse']:.2f} s "
+              f"(x{su['dense'] / su['sparse']:.1f})")
+
     print("\n== targets (issue 6): best peak / local peak")
     print(f"  inference original fp32 >= 65% of fp32 peak: {100 * o['fp32']['gflops'] / fp32_all:.0f}%"
           f" / {100 * o['fp32']['local_ratio']:.0f}% (executed FLOPs: "

@@ -260,6 +260,46 @@ def test_fused_sampled_softmax_equals_autograd_formula_with_accidental_hits():
     assert loss32.dtype == torch.float32 and abs(float(loss32) - float(ref.detach())) < 1e-5
 
 
+def test_sparse_softmax_gradient_gives_the_dense_update():
+    """Row-sparse softmax gradients (LanguageModel.sparse_softmax) change the cost of clipping and
+    Adagrad, not the update: three steps equal the dense-gradient steps, weights and optimizer."""
+    from torch_elmo.config import preset
+    V, B, T, n = 300, 4, 5, 40
+    options = preset("tiny")
+    torch.manual_seed(0)
+    lms = [LanguageModel(options, V)]
+    lms.append(LanguageModel(options, V, sparse_softmax=False))
+    lms[1].load_state_dict(lms[0].state_dict())
+    opts = [make_optimizer(list(lm.parameters()), 0.2) for lm in lms]
+    samplers = [LogUniformSampler(V, seed=1), LogUniformSampler(V, seed=1)]
+    g = torch.Generator().manual_seed(5)
+    C = options.char_cnn.max_characters_per_token
+    W0 = lms[0].softmax_W.detach().clone()
+    for step in range(3):
+        batch = {k: torch.randint(1, 200, (B, T, C), generator=g) for k in ("fwd_chars", "bwd_chars")}
+        batch.update({k: LogUniformSampler(V, seed=step).draw(B * T).reshape(B, T)
+                      for k in ("fwd_targets", "bwd_targets")})
+        norms = []
+        for lm, opt, sampler in zip(lms, opts, samplers):
+            lm.eval()                       # no dropout: the two runs see the same network
+            torch.manual_seed(step)
+            loss, _, _ = lm.training_loss(batch, lm.zero_state(B), sampler, n)
+            opt.zero_grad(set_to_none=True)
+            (loss * T).backward()
+            assert lm.softmax_W.grad.is_sparse == lm.sparse_softmax
+            norms.append(clip_by_global_norm(list(lm.parameters()), 1.0))
+            opt.step()
+        assert norms[0] > 1.0 and math.isclose(norms[0], norms[1], rel_tol=1e-6)   # clipped
+    for (name, a), (_, b) in zip(lms[0].named_parameters(), lms[1].named_parameters()):
+        assert torch.allclose(a, b, rtol=0, atol=1e-6), (name, float((a - b).abs().max()))
+    untouched = (opts[0].state[lms[0].softmax_W]["sum"] == 1.0).all(1)
+    assert 0 < int(untouched.sum()) < V                                 # rows never sampled
+    assert torch.equal(lms[0].softmax_W[untouched], W0[untouched])
+    assert (lms[0].softmax_W[~untouched] != W0[~untouched]).any(1).all()
+    for p0, p1 in zip(lms[0].parameters(), lms[1].parameters()):
+        assert torch.allclose(opts[0].state[p0]["sum"], opts[1].state[p1]["sum"], rtol=1e-6)
+
+
 def test_adagrad_and_clipping_match_tf_update():
     torch.manual_seed(2)
     w = torch.nn.Parameter(torch.randn(5, 3))

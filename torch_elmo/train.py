@@ -126,17 +126,20 @@ class LogUniformSampler:
 
 
 def sampled_softmax_loss(x: torch.Tensor, targets: torch.Tensor, W: torch.Tensor, b: torch.Tensor,
-                         sampler: LogUniformSampler, n_samples: int) -> torch.Tensor:
+                         sampler: LogUniformSampler, n_samples: int,
+                         sparse: bool = False) -> torch.Tensor:
     """TF `sampled_softmax_loss` defaults (remove_accidental_hits, subtract_log_q), mean over rows.
 
     x (N, P), targets (N,). ONE set of `n_samples` negatives for all N rows, ONE gather of the
-    true and sampled rows of W and b, ONE (N, P) x (P, S) matmul (in `_SampledSoftmaxCE`)."""
+    true and sampled rows of W and b, ONE (N, P) x (P, S) matmul (in `_SampledSoftmaxCE`).
+    `sparse`: W's gradient is a sparse tensor of the gathered rows (what TF's IndexedSlices are),
+    not a dense (V, P) one that is zero almost everywhere; see LanguageModel.sparse_softmax."""
     N = targets.numel()
     sampled, num_tries = sampler.sample(n_samples)
     sampled = sampled.to(targets.device)
     ids = torch.cat([targets, sampled])
     log_q = torch.log(sampler.expected_count(ids.cpu(), n_samples, num_tries)).to(x.device)
-    w = W.index_select(0, ids)                                       # (N + S, P)
+    w = F.embedding(ids, W, sparse=True) if sparse else W.index_select(0, ids)   # (N + S, P)
     bias = b.index_select(0, ids) - log_q                            # (N + S,)
     hit_rows, hit_cols = _accidental_hits(targets, sampled)
     return _SampledSoftmaxCE.apply(x, w, bias, hit_rows, hit_cols, N)
@@ -207,12 +210,20 @@ def full_softmax_ce(x: torch.Tensor, targets: torch.Tensor, W: torch.Tensor, b: 
 
 # ============================================================================ the language model
 class LanguageModel(nn.Module):
-    """BiLM + softmax shared by both directions (spec section 9). The softmax is not exported."""
+    """BiLM + softmax shared by both directions (spec section 9). The softmax is not exported.
 
-    def __init__(self, options: Options, n_vocab: int):
+    `sparse_softmax` (default on): with the sampled softmax, softmax_W's gradient is a sparse
+    tensor holding only the rows of the step's targets and negatives (a few thousand of V). The
+    update is the same as with a dense gradient, whose other rows are zero (Adagrad: acc += 0,
+    theta -= 0; the global norm is the same), but clipping and Adagrad then touch those rows
+    only instead of all V x P (the original model: 793k x 512 = 406M numbers, several passes
+    over 1.6 GB per step). softmax_b (V numbers) stays dense."""
+
+    def __init__(self, options: Options, n_vocab: int, sparse_softmax: bool = True):
         super().__init__()
         self.options = options
         self.n_vocab = n_vocab
+        self.sparse_softmax = sparse_softmax
         self.bilm = BiLM(options)
         P = options.lstm.projection_dim
         self.softmax_W = nn.Parameter(torch.empty(n_vocab, P))
@@ -259,7 +270,7 @@ class LanguageModel(nn.Module):
             x, y = top.reshape(-1, top.shape[-1]), tgt.reshape(-1)
             if sampler is not None:
                 losses.append(sampled_softmax_loss(x, y, self.softmax_W, self.softmax_b, sampler,
-                                                   n_samples))
+                                                   n_samples, sparse=self.sparse_softmax))
             else:
                 losses.append(full_softmax_ce(x, y, self.softmax_W, self.softmax_b).mean())
         return sum(losses) / len(losses), losses, new_state
@@ -274,18 +285,28 @@ class LanguageModel(nn.Module):
 
 
 def make_optimizer(params, learning_rate: float) -> torch.optim.Optimizer:
-    """TF Adagrad: acc starts at 1.0, acc += g^2, theta -= lr * g / sqrt(acc), no epsilon."""
+    """TF Adagrad: acc starts at 1.0, acc += g^2, theta -= lr * g / sqrt(acc), no epsilon.
+    Takes the sparse softmax gradient as it is (torch's Adagrad updates only its rows)."""
+    # torch's sparse Adagrad builds its own COO tensors; invariant checks are off by default and
+    # saying so explicitly silences the per-process warning about it
+    torch.sparse.check_sparse_tensor_invariants.disable()
     return torch.optim.Adagrad(params, lr=learning_rate, initial_accumulator_value=1.0, eps=0.0)
 
 
 def clip_by_global_norm(params: list[torch.Tensor], clip_norm: float) -> float:
-    """TF clip_by_global_norm: g *= clip / max(norm, clip). Returns the norm before clipping."""
+    """TF clip_by_global_norm: g *= clip / max(norm, clip). Returns the norm before clipping.
+    A sparse gradient (the softmax rows) is coalesced first: its norm is that of the dense
+    gradient it stands for (repeated rows summed)."""
+    for p in params:
+        if p.grad is not None and p.grad.is_sparse:
+            p.grad = p.grad.coalesce()
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return 0.0
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+    values = [g.values() if g.is_sparse else g for g in grads]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(v.float()) for v in values]))
     scale = clip_norm / torch.clamp(norm, min=clip_norm)
-    torch._foreach_mul_(grads, scale.to(grads[0].dtype))
+    torch._foreach_mul_(values, scale.to(values[0].dtype))
     return float(norm)
 
 
@@ -307,6 +328,9 @@ def all_reduce_gradients(params: list[torch.Tensor], world_size: int,
     import torch.distributed as dist
     if not dist.is_initialized():
         raise ElmoError("world_size > 1 needs torch.distributed to be initialised (use torchrun)")
+    for p in params:   # ranks gather different softmax rows: all-reduce the dense gradient
+        if p.grad is not None and p.grad.is_sparse:
+            p.grad = p.grad.to_dense()
     grads = [p.grad for p in params if p.grad is not None]
     parts = [g.reshape(-1) for g in grads]                     # each (numel,)
     if extra is not None:
