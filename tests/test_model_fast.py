@@ -132,6 +132,33 @@ def test_bf16_autocast_runs_close_to_fp32():
         assert (g - w).abs().max() > 0          # it really ran in bf16
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_directions_on_two_threads_equal_one_thread(bf16, monkeypatch):
+    """With 2+ threads each direction runs on its own thread (model._infer_directions); the
+    results equal the serial path exactly, bf16 autocast included (autocast is per thread), and
+    the caller's thread count is restored."""
+    import torch_elmo.model as M
+    model = _model()
+    ids = batch_to_ids(_batch(seed=3))
+    state = _random_state(model, ids.shape[0], 1)
+    calls = []
+    real = M._infer_layer
+    monkeypatch.setattr(M, "_infer_layer", lambda *a, **k: calls.append(len(a[0])) or real(*a, **k))
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            got = model(ids, state)
+            assert torch.get_num_threads() == 2
+            monkeypatch.setenv("TORCH_ELMO_SERIAL_DIRECTIONS", "1")
+            want = model(ids, state)
+    finally:
+        torch.set_num_threads(n)
+    assert calls == [1, 1, 1, 1, 2, 2]          # 2 layers x 2 threaded directions, then serial
+    _assert_dicts_close(got, want, atol=0)
+    assert got["layers"][1].dtype == torch.float32
+
+
 @pytest.mark.parametrize("skip,cell_clip,proj_clip", [(True, 3.0, 3.0), (False, None, None),
                                                       (True, 3.0, None)])
 def test_training_gradients_equal_reference(skip, cell_clip, proj_clip):

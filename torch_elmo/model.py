@@ -22,11 +22,14 @@ the fast path is tested against it to 1e-5):
   same layout with each row's positions taken in reverse (an index, no reversing copies).
 * Input-to-gate matmul hoisted out of the time loop (over all valid positions, in blocks of
   steps); at inference layer 0's is done once per distinct token and gathered.
-* Inference (`BiLM.forward` without autograd): both directions advanced together step by step,
-  gate non-linearities and the cell update in place, the recurrent and projection matmuls with
-  oneDNN weights prepacked once (`_Linear`, cached until a weight changes); on this CPU two such
-  calls per step beat one batched (2, n, P) x (2, P, 4H) MKL bmm (the "one batched matmul per
-  step" idea) by 1.1x to 2.5x, and MKL's skinny sgemm by more (benchmarks/speed.py prints it).
+* Inference (`BiLM.forward` without autograd): gate non-linearities and the cell update in
+  place, the recurrent and projection matmuls with oneDNN weights prepacked once (`_Linear`,
+  cached until a weight changes); on this CPU two such calls per step beat one batched
+  (2, n, P) x (2, P, 4H) MKL bmm (the "one batched matmul per step" idea) by 1.1x to 2.5x, and
+  MKL's skinny sgemm by more (benchmarks/speed.py prints it). With 2+ CPU threads the two
+  directions run their time loops on two threads, one core each (`_infer_directions`): a
+  (64-row) step matmul split over two cores makes both wait for the slower at every op; measured
+  1.3x on the original model (fp32 and bf16). With one thread they advance together in one loop.
 * tanh(x) computed as 2 sigmoid(2x) - 1: torch.tanh is ~7x slower than torch.sigmoid here.
 * Training (`run_direction` with autograd): one autograd node per layer (`_LSTMPFunction`) with
   a hand-written backward through time; the weight gradients are one large matmul each over all
@@ -643,6 +646,63 @@ def _infer_layer(cells: list[LSTMP], xs: list[torch.Tensor], pk: _Packing,
     return ys, cs, hs
 
 
+def _two_threads_ok(x: torch.Tensor, n_dirs: int) -> bool:
+    """Run the two directions on two threads? On a CPU with 2+ intra-op threads: the step
+    matmuls (n <= 128 rows) split badly over cores, every core waiting for the slowest at each of
+    the ~10 ops of a step, while two independent directions, one per core, never wait.
+    TORCH_ELMO_SERIAL_DIRECTIONS=1 turns it off."""
+    return (n_dirs == 2 and x.device.type == "cpu" and torch.get_num_threads() >= 2
+            and os.environ.get("TORCH_ELMO_SERIAL_DIRECTIONS") != "1")
+
+
+def _on_two_threads(fn):
+    """[fn(0), fn(1)] with fn(1) on a worker thread, each with half of the caller's intra-op
+    threads, the caller's CPU autocast state (thread-local, like grad mode) and no autograd
+    recording. The same ops as calling fn(0) then fn(1): the same results."""
+    n = torch.get_num_threads()
+    share = [max(1, n // 2), max(1, n - n // 2)]
+    autocast = torch.is_autocast_enabled("cpu")
+    dtype = torch.get_autocast_dtype("cpu")
+
+    def run(d):
+        torch.set_num_threads(share[d])
+        try:
+            with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=autocast):
+                return fn(d)
+        finally:
+            torch.set_num_threads(n)
+    other = _direction_pool().submit(run, 1)
+    try:
+        first = run(0)
+    finally:
+        second = other.result()          # waits (and re-raises) even if run(0) failed
+    return [first, second]
+
+
+_POOL = None
+
+
+def _direction_pool():
+    """One worker thread for the second direction, started on first use."""
+    global _POOL
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+        _POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="elmo-direction")
+    return _POOL
+
+
+def _infer_directions(cells: list[LSTMP], xs: list[torch.Tensor], pk: _Packing,
+                      c0s: list[torch.Tensor], h0s: list[torch.Tensor], dtype: torch.dtype,
+                      unique: Optional[tuple] = None):
+    """`_infer_layer` for all directions: both in one time loop, or one per thread."""
+    if not _two_threads_ok(xs[0], len(cells)):
+        return _infer_layer(cells, xs, pk, c0s, h0s, dtype, unique)
+    us = [None, None] if unique is None else [(unique[0], [unique[1][d]]) for d in range(2)]
+    out = _on_two_threads(
+        lambda d: _infer_layer([cells[d]], [xs[d]], pk, [c0s[d]], [h0s[d]], dtype, us[d]))
+    return [out[0][0][0], out[1][0][0]], [out[0][1][0], out[1][1][0]], [out[0][2][0], out[1][2][0]]
+
+
 class _LSTMPFunction(torch.autograd.Function):
     """One LSTMP layer over a packed sequence, with backpropagation through time written out.
 
@@ -742,6 +802,23 @@ class _LSTMPFunction(torch.autograd.Function):
                 d_w_ih, d_w_hh, d_bias, d_w_p, None, None, None)
 
 
+def _layer_packed(cells: list[LSTMP], xps: list[torch.Tensor], pk: _Packing,
+                  c0s: list[torch.Tensor], h0s: list[torch.Tensor]):
+    """One layer of each direction over the same packing: lists of packed outputs (N, P) and
+    sorted final c (B, H), h (B, P). Under autograd one `_LSTMPFunction` per direction, one
+    after the other (measured: running them on two threads, forward and backward, gained
+    nothing for training, whose time goes to large matmuls); without, the inference loop with
+    the directions on two threads (`_infer_directions`)."""
+    needs_grad = torch.is_grad_enabled() and (
+        any(t.requires_grad for t in xps + c0s + h0s)
+        or any(p.requires_grad for cell in cells for p in cell.parameters()))
+    if not needs_grad:
+        with torch.no_grad():
+            return _infer_directions(cells, xps, pk, c0s, h0s, _inference_dtype(xps[0].device))
+    out = [cell.run_packed(x, pk, c0, h0) for cell, x, c0, h0 in zip(cells, xps, c0s, h0s)]
+    return [o[0] for o in out], [o[1] for o in out], [o[2] for o in out]
+
+
 def reverse_index(lengths: torch.Tensor, T: int) -> torch.Tensor:
     """(B, T) time index that reverses each row's first `length` positions and leaves padding in
     place; applying it twice is the identity."""
@@ -822,6 +899,41 @@ class BiLM(nn.Module):
         inv = pk.inverse_order
         return outputs, torch.stack(cs).index_select(1, inv), torch.stack(hs).index_select(1, inv)
 
+    def run_directions(self, xs: list[torch.Tensor], valid: torch.Tensor, c0: torch.Tensor,
+                       h0: torch.Tensor):
+        """Every direction's stack, each on its own (already ordered) input xs[d] (B, T, P),
+        layer by layer: dropout masks are drawn for layer 0 forward, layer 0 backward, layer 1
+        forward, ... whatever the path. c0 (n_dirs, n_layers, B, H), h0 (n_dirs, n_layers, B, P).
+        Returns per direction its layer outputs (each (B, T, P)) and the final (c, h) stacked
+        like c0, h0. Without autograd, on a multi-core CPU, the two directions of a layer run
+        on two threads."""
+        B, T, _ = xs[0].shape
+        lengths = _prefix_lengths(valid)
+        if lengths is None:
+            per = [self._run_direction_masked(d, x, valid, c0[d], h0[d]) for d, x in enumerate(xs)]
+            return ([p[0] for p in per], torch.stack([p[1] for p in per]),
+                    torch.stack([p[2] for p in per]))
+        pk = _Packing(lengths, T)
+        xps = [x.reshape(B * T, x.shape[2]).index_select(0, pk.fwd_index) for x in xs]  # (N, P)
+        c0s, h0s = c0.index_select(2, pk.order), h0.index_select(2, pk.order)
+        outputs, cs, hs = [[] for _ in xs], [[] for _ in xs], [[] for _ in xs]
+        for l in range(self.n_layers):
+            if self.training and self.dropout > 0:
+                xps = [F.dropout(xp, self.dropout, training=True) for xp in xps]
+            cells = [stack[l] for stack in self.directions][:len(xs)]
+            ys, c, h = _layer_packed(cells, xps, pk, [c0s[d, l] for d in range(len(xs))],
+                                     [h0s[d, l] for d in range(len(xs))])
+            for d in range(len(xs)):
+                if l > 0 and self.use_skip_connections:
+                    ys[d] = ys[d] + xps[d]  # added after proj clipping, not fed back
+                outputs[d].append(pk.unpack(ys[d], pk.fwd_index))
+                cs[d].append(c[d])
+                hs[d].append(h[d])
+            xps = ys
+        inv = pk.inverse_order
+        return (outputs, torch.stack([torch.stack(x) for x in cs]).index_select(2, inv),
+                torch.stack([torch.stack(x) for x in hs]).index_select(2, inv))
+
     def _run_direction_masked(self, d, x, valid, c0, h0):
         outputs, cs, hs = [], [], []
         for l, layer in enumerate(self.directions[d]):
@@ -871,20 +983,17 @@ class BiLM(nn.Module):
             return {"token_embedding": token, "layers": [torch.cat([token] * self.n_dirs, dim=2)]
                     + layers, "mask": mask, "state": (cs, hs)}
         valid = torch.arange(T, device=mask.device).unsqueeze(0) < lengths.unsqueeze(1)
-        fwd, c_f, h_f = self.run_direction(0, token, valid, c0[0], h0[0])
-        per_dir = [fwd]
-        cs, hs = [c_f], [h_f]
+        xs = [token]
         if self.n_dirs == 2:
             rev = reverse_index(lengths, T)                        # reverse within each length
-            bwd, c_b, h_b = self.run_direction(1, _gather_time(token, rev), valid, c0[1], h0[1])
-            per_dir.append([_gather_time(y, rev) for y in bwd])
-            cs.append(c_b)
-            hs.append(h_b)
+            xs.append(_gather_time(token, rev))
+        per_dir, c, h = self.run_directions(xs, valid, c0, h0)
+        if self.n_dirs == 2:
+            per_dir[1] = [_gather_time(y, rev) for y in per_dir[1]]
         layers = [torch.cat([token] * self.n_dirs, dim=2)]       # layer 0: (B, T, 2P)
         for l in range(self.n_layers):
             layers.append(torch.cat([outs[l] for outs in per_dir], dim=2))
-        return {"token_embedding": token, "layers": layers, "mask": mask,
-                "state": (torch.stack(cs), torch.stack(hs))}
+        return {"token_embedding": token, "layers": layers, "mask": mask, "state": (c, h)}
 
     @torch.no_grad()
     def _forward_fast(self, token: torch.Tensor, lengths: torch.Tensor, c0: torch.Tensor,
@@ -906,8 +1015,8 @@ class BiLM(nn.Module):
             u = None
             if l == 0 and unique is not None:
                 u = (unique[0], [unique[1].index_select(0, idx) for idx in indices])
-            ys, c, h = _infer_layer(cells, xs, pk, [c0s[d, l] for d in range(self.n_dirs)],
-                                    [h0s[d, l] for d in range(self.n_dirs)], dtype, u)
+            ys, c, h = _infer_directions(cells, xs, pk, [c0s[d, l] for d in range(self.n_dirs)],
+                                         [h0s[d, l] for d in range(self.n_dirs)], dtype, u)
             if l > 0 and self.use_skip_connections:
                 ys = [y.float() + x for y, x in zip(ys, xs)]
             else:

@@ -245,17 +245,15 @@ class LanguageModel(nn.Module):
         B, T, _ = chars[0].shape
         tokens = self.bilm.char_cnn(torch.cat(chars, dim=0))   # both directions in one CNN call
         valid = torch.ones(B, T, dtype=torch.bool, device=tokens.device)
-        c0, h0 = state
-        tops, cs, hs = [], [], []
+        xs = [tokens[d * B:(d + 1) * B] for d in range(self.n_dirs)]          # (B, T, P) each
+        outs, c, h = self.bilm.run_directions(xs, valid, state[0], state[1])
+        tops = []
         for d in range(self.n_dirs):
-            outs, c, h = self.bilm.run_direction(d, tokens[d * B:(d + 1) * B], valid, c0[d], h0[d])
-            top = outs[-1]
+            top = outs[d][-1]
             if self.training and self.options.dropout > 0:
                 top = F.dropout(top, self.options.dropout, training=True)  # before the softmax
             tops.append(top)
-            cs.append(c)
-            hs.append(h)
-        return tops, (torch.stack(cs), torch.stack(hs))
+        return tops, (c, h)
 
     def _targets(self, batch: dict) -> list[torch.Tensor]:
         return [batch[k] for k in ["fwd_targets", "bwd_targets"][: self.n_dirs]]
