@@ -145,7 +145,7 @@ def test_resume_with_another_world_size_reshards(setup, two_process_run, tmp_pat
     assert ckpt["run"]["world_size"] == 1 and ckpt["ranks"] is None
 
 
-def _worker_pid(parent: int, rank: int, timeout: float = 60) -> int:
+def _worker_pid(parent: int, rank: int, timeout: float = LAUNCH_TIMEOUT) -> int:
     """The pid of torchrun's worker with RANK=rank (its children, found through /proc)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -202,9 +202,13 @@ def test_killed_rank_stops_the_job_with_a_clear_message_and_resume_continues(set
     assert int(load_checkpoint(str(save))["step"]) == step + 3
 
 
-def test_ctrl_c_stops_every_rank_at_the_same_step_with_a_checkpoint(setup, tmp_path):
-    """torchrun forwards SIGINT to every worker; the ranks agree on the stop (the flag travels
-    with the gradients), finish the step, and rank 0 checkpoints all ranks' positions."""
+@pytest.mark.parametrize("target", ["torchrun", "rank 1 only"])
+def test_ctrl_c_stops_every_rank_at_the_same_step_with_a_checkpoint(setup, tmp_path, target):
+    """torchrun forwards SIGINT to every worker (a few ms apart); on a multi-node job a Ctrl-C
+    may reach one node's ranks only. Either way the ranks decide on the flag as it travels with
+    the gradients (a rank acting on a signal that arrived after the all-reduce would stop a step
+    early and leave the others waiting: the 30 s 'lost contact' seen before the fix), finish the
+    step together, and rank 0 checkpoints all ranks' positions."""
     save = tmp_path / "interrupted"
     proc = subprocess.Popen(_torchrun(2) + _train_args(setup, save, "--epochs", "10000",
                                                        "--checkpoint-every", "5",
@@ -212,11 +216,15 @@ def test_ctrl_c_stops_every_rank_at_the_same_step_with_a_checkpoint(setup, tmp_p
                             cwd=REPO, env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
+        rank1 = _worker_pid(proc.pid, rank=1)
         deadline = time.time() + LAUNCH_TIMEOUT
         while not (save / "checkpoint.pt").exists():
             assert proc.poll() is None and time.time() < deadline, "the run ended early"
             time.sleep(0.2)
-        proc.send_signal(signal.SIGINT)
+        if target == "torchrun":
+            proc.send_signal(signal.SIGINT)
+        else:
+            os.kill(rank1, signal.SIGINT)
         out, _ = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:

@@ -958,14 +958,16 @@ def train(options: Options, vocab: Vocabulary, train_files: list[str], save_dir:
             window_time += now - t0
             step_time += now - t0
             if dist_on:
-                if float(extra[2]) > 0 and not interrupted:
-                    interrupted.append(True)   # another rank's Ctrl-C: all stop at this step
+                # decide on the all-reduced flags only: a Ctrl-C that lands on this rank after
+                # the all-reduce is in the next step's message; acting on it now would stop
+                # this rank one step before the others (which then wait for it forever)
                 reason = (stop_reason(check_time=False)
-                          or (f"--max-time {max_time:g}s reached" if float(extra[1]) > 0 else None))
+                          or (f"--max-time {max_time:g}s reached" if float(extra[1]) > 0 else None)
+                          or ("interrupted (Ctrl-C); continue with --resume"
+                              if float(extra[2]) > 0 else None))
             else:
-                reason = stop_reason()
-            reason = reason or ("interrupted (Ctrl-C); continue with --resume"
-                                if interrupted else None)
+                reason = stop_reason() or ("interrupted (Ctrl-C); continue with --resume"
+                                           if interrupted else None)
             if not is_main:
                 if step % checkpoint_every == 0 and reason is None:
                     checkpoint()
@@ -1015,7 +1017,7 @@ def train(options: Options, vocab: Vocabulary, train_files: list[str], save_dir:
     if is_main:
         plot_perplexity(metrics, os.path.join(save_dir, PLOT))
         print(f"stopped: {reason}; checkpoint {ckpt_path}", flush=True)
-    if interrupted:
+    if interrupted or (reason or "").startswith("interrupted"):  # this rank's Ctrl-C or another's
         raise KeyboardInterrupt   # after the checkpoint: `elmo train` exits 130
     return record
 
