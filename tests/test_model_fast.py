@@ -132,6 +132,22 @@ def test_bf16_autocast_runs_close_to_fp32():
         assert (g - w).abs().max() > 0          # it really ran in bf16
 
 
+def test_fp16_activation_path_runs_close_to_fp32(monkeypatch):
+    """fp16 is what CUDA autocast(float16) selects (`_inference_dtype`); no GPU here, so the same
+    path (fp16 weights and activations, fp32 cell state) runs on the CPU's fp16 kernels."""
+    import torch_elmo.model as M
+    model = _model()
+    ids = batch_to_ids(_batch())
+    with torch.no_grad():
+        want = model(ids)
+        monkeypatch.setattr(M, "_inference_dtype", lambda device: torch.float16)
+        got = model(ids)
+    for g, w in zip(got["layers"][1:], want["layers"][1:]):
+        assert g.dtype == torch.float32
+        assert 0 < (g - w).abs().max() < 0.02
+    assert got["state"][0].dtype == torch.float32
+
+
 @pytest.mark.parametrize("bf16", [False, True])
 def test_directions_on_two_threads_equal_one_thread(bf16, monkeypatch):
     """With 2+ threads each direction runs on its own thread (model._infer_directions); the
