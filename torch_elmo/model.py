@@ -31,10 +31,12 @@ the fast path is tested against it to 1e-5):
   (64-row) step matmul split over two cores makes both wait for the slower at every op; measured
   1.3x on the original model (fp32 and bf16). With one thread they advance together in one loop.
 * tanh(x) computed as 2 sigmoid(2x) - 1: torch.tanh is ~7x slower than torch.sigmoid here.
-* Training (`run_direction` with autograd): one autograd node per layer (`_LSTMPFunction`) with
-  a hand-written backward through time; the weight gradients are one large matmul each over all
-  steps instead of one small one per step. Directions stay separate calls: fusing them cannot
-  batch the matmuls (two weights; the batched bmm is the slower kernel) and gained nothing.
+* Training (`run_directions` with autograd): one autograd node per layer and direction
+  (`_LSTMPFunction`) with a hand-written backward through time; the weight gradients are one
+  large matmul each over all steps instead of one small one per step. Directions stay separate
+  calls: fusing them cannot batch the matmuls (two weights; the batched bmm is the slower
+  kernel) and gained nothing; running them on two threads (forward and backward) gained
+  nothing measurable either (training time goes to large matmuls that already use all cores).
 * Char CNN: computed once per distinct token of the call (padding and repeats gathered back,
   their gradients summed), and only over the convolution windows that touch a real character:
   the windows lying entirely in the within-word padding all give the same value, computed once.
