@@ -217,7 +217,8 @@ class LanguageModel(nn.Module):
     update is the same as with a dense gradient, whose other rows are zero (Adagrad: acc += 0,
     theta -= 0; the global norm is the same), but clipping and Adagrad then touch those rows
     only instead of all V x P (the original model: 793k x 512 = 406M numbers, several passes
-    over 1.6 GB per step). softmax_b (V numbers) stays dense."""
+    over 1.6 GB per step); under torchrun only the union of the ranks' rows is all-reduced.
+    softmax_b (V numbers) stays dense."""
 
     def __init__(self, options: Options, n_vocab: int, sparse_softmax: bool = True):
         super().__init__()
@@ -314,6 +315,8 @@ def all_reduce_gradients(params: list[torch.Tensor], world_size: int,
     before clipping). A no-op for one process. With torch.distributed initialised, every
     gradient and `extra` (a small float vector riding along: the loss, the stop flags) go into
     ONE flat buffer and ONE all-reduce (sum, then / world_size); returns the averaged `extra`.
+    A sparse gradient goes in as its rows over the union of the ranks' row sets, found first
+    with one small all-gather of row ids; it comes out sparse over that union.
 
     Why not DistributedDataParallel: a step here is not one module forward (two direction passes
     share one char-CNN call, the LSTM backward is a hand-written autograd.Function, the sampled
@@ -326,10 +329,18 @@ def all_reduce_gradients(params: list[torch.Tensor], world_size: int,
     import torch.distributed as dist
     if not dist.is_initialized():
         raise ElmoError("world_size > 1 needs torch.distributed to be initialised (use torchrun)")
-    for p in params:   # ranks gather different softmax rows: all-reduce the dense gradient
+    # A sparse gradient (the softmax rows each rank gathered) travels as the rows of the union
+    # of all ranks' row sets (one small all-gather first), not as the dense (V, P) matrix: at
+    # the 1B-Word vocabulary that is ~16k rows instead of 793k.
+    sparse = {}
+    for p in params:
         if p.grad is not None and p.grad.is_sparse:
-            p.grad = p.grad.to_dense()
-    grads = [p.grad for p in params if p.grad is not None]
+            g = p.grad.coalesce()
+            union = _union_of_rows(g.indices()[0], world_size)              # (u,), every rank
+            rows = g.values().new_zeros(union.numel(), *g.shape[1:])        # (u, P)
+            rows.index_copy_(0, torch.searchsorted(union, g.indices()[0]), g.values())
+            sparse[p] = (union, rows)
+    grads = [sparse[p][1] if p in sparse else p.grad for p in params if p.grad is not None]
     parts = [g.reshape(-1) for g in grads]                     # each (numel,)
     if extra is not None:
         parts.append(extra.to(device=parts[0].device if parts else extra.device,
@@ -341,7 +352,23 @@ def all_reduce_gradients(params: list[torch.Tensor], world_size: int,
     for g in grads:
         g.copy_(flat[offset:offset + g.numel()].view_as(g))
         offset += g.numel()
+    for p, (union, rows) in sparse.items():
+        p.grad = torch.sparse_coo_tensor(union.unsqueeze(0), rows, p.shape, is_coalesced=True)
     return flat[offset:].cpu() if extra is not None else None
+
+
+def _union_of_rows(rows: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Sorted union of every rank's row indices (k,) (k may differ between ranks)."""
+    import torch.distributed as dist
+    n = torch.tensor([rows.numel()], device=rows.device)
+    sizes = [torch.zeros_like(n) for _ in range(world_size)]
+    dist.all_gather(sizes, n)
+    padded = rows.new_full((int(max(sizes)),), -1)
+    padded[:rows.numel()] = rows
+    gathered = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(gathered, padded)
+    union = torch.unique(torch.cat(gathered))                  # sorted
+    return union[union >= 0]
 
 
 def _collective(rank: int, fn: Callable):
@@ -1192,6 +1219,10 @@ def cli_train(args) -> int:
               world_size=world_size)
     if world_size > 1:   # only after a clean finish: a broken group may hang in teardown
         import torch.distributed as dist
+        # every rank done with its collectives before any closes its sockets: a rank tearing
+        # gloo down while its peer is still in the last collective aborted ("terminate called
+        # without an active exception", about 1 run in 10 of the DDP tests)
+        _collective(rank, dist.barrier)
         dist.destroy_process_group()
     return 0
 
