@@ -693,6 +693,15 @@ def _direction_pool():
     return _POOL
 
 
+def _forget_pool_after_fork() -> None:
+    global _POOL      # a forked child has the executor but not its thread: start a new one
+    _POOL = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_after_fork)
+
+
 def _infer_directions(cells: list[LSTMP], xs: list[torch.Tensor], pk: _Packing,
                       c0s: list[torch.Tensor], h0s: list[torch.Tensor], dtype: torch.dtype,
                       unique: Optional[tuple] = None):
