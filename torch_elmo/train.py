@@ -159,9 +159,9 @@ class _SampledSoftmaxCE(torch.autograd.Function):
     """mean_i [log(exp(t_i) + sum_s exp(L_is)) - t_i] with t_i = x_i.w_i + b_i (true class) and
     L = x w_S^T + b_S (N, S) (sampled classes; accidental hits at -FLOAT_MAX as in TF).
 
-    The (N, S) logits are the one big tensor: written once by the matmul, read once by
-    logsumexp; the backward turns them into probabilities in place (one pass) and feeds them to
-    the two gradient matmuls. The autograd version of the same formula (a masked copy, a
+    The (N, S) logits are the one big tensor: written once by the matmul (bias fused), then
+    max, exp and sum in place; the backward turns them into probabilities in place (one pass)
+    and feeds them to the two gradient matmuls. The autograd version of the same formula (a masked copy, a
     concatenation with the true logit, log_softmax and its backward) makes ~4x the memory
     traffic over (N, S), which on a CPU costs as much as the matmuls. Computed in fp32 whatever
     the input dtype (bf16 logits would round the partition function); fp64 stays fp64."""
@@ -174,10 +174,11 @@ class _SampledSoftmaxCE(torch.autograd.Function):
         L = _Linear(wf[N:], pack=False)(xf, bf[N:])                  # (N, S), bias fused
         L[hit_rows, hit_cols] = -_FLOAT32_MAX
         m = torch.maximum(L.amax(1), true)                           # (N,) for stability
-        Z = L.sub_(m.unsqueeze(1)).exp_().sum(1) + torch.exp(true - m)
-        ctx.save_for_backward(xf, wf, Z, true - m)
+        true_m = true - m
+        Z = L.sub_(m.unsqueeze(1)).exp_().sum(1) + torch.exp(true_m)  # L now holds exp(L - m)
+        ctx.save_for_backward(xf, wf, Z, true_m)
         ctx.L, ctx.N, ctx.dtypes = L, N, (x.dtype, w.dtype, bias.dtype)
-        return (torch.log(Z) - (true - m)).mean()                    # L now holds exp(L - m)
+        return (torch.log(Z) - true_m).mean()
 
     @staticmethod
     def backward(ctx, g):
