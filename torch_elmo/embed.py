@@ -569,8 +569,8 @@ class ElmoModel(nn.Module):
             out = _run(self.bilm, self.initial_state, batch)
         # boundaries removed first, then mixed: bilm-tf's weight_layers (layer-norm statistics
         # over the real tokens only; allennlp's Elmo below includes <S>/</S> in them)
-        layers = [remove_sentence_boundaries(x, out["mask"])[0] for x in out["layers"]]
-        mask = remove_sentence_boundaries(out["layers"][0], out["mask"])[1]
+        stripped = [remove_sentence_boundaries(x, out["mask"]) for x in out["layers"]]
+        layers, mask = [x for x, _ in stripped], stripped[0][1]
         elmo = self.scalar_mix(layers, mask) * mask.unsqueeze(2).to(layers[0].dtype)
         lengths = mask.sum(dim=1)
         default = elmo.sum(dim=1) / lengths.clamp(min=1).unsqueeze(1).to(elmo.dtype)

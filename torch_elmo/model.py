@@ -659,17 +659,16 @@ def _two_threads_ok(x: torch.Tensor, n_dirs: int) -> bool:
 
 def _on_two_threads(fn):
     """[fn(0), fn(1)] with fn(1) on a worker thread, each with half of the caller's intra-op
-    threads, the caller's CPU autocast state (thread-local, like grad mode) and no autograd
-    recording. The same ops as calling fn(0) then fn(1): the same results."""
+    threads and no autograd recording (grad mode is per thread; so is autocast, which is why
+    the inference loop takes its dtype as an argument). The same ops as calling fn(0) then
+    fn(1): the same results."""
     n = torch.get_num_threads()
     share = [max(1, n // 2), max(1, n - n // 2)]
-    autocast = torch.is_autocast_enabled("cpu")
-    dtype = torch.get_autocast_dtype("cpu")
 
     def run(d):
         torch.set_num_threads(share[d])
         try:
-            with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=autocast):
+            with torch.no_grad():
                 return fn(d)
         finally:
             torch.set_num_threads(n)
