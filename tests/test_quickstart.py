@@ -1,5 +1,6 @@
 """Quickstart pieces: the corpus reader, the tokeniser/sentence splitter, the plane demo and the
 next-word demo, on a tiny random model (seconds)."""
+import collections
 import csv
 import io
 import zipfile
@@ -11,7 +12,7 @@ import torch
 from torch_elmo import quickstart as qs
 from torch_elmo.config import preset
 from torch_elmo.tasks import load_embedder
-from torch_elmo.vocab import build_vocabulary, count_tokens
+from torch_elmo.vocab import build_vocabulary
 
 
 def test_tokenize_and_split_sentences():
@@ -78,7 +79,7 @@ def test_next_word_demo_reads_the_lm_as_training_does(tiny_bilm):
     from torch_elmo.embed import warm_state
     from torch_elmo.train import LanguageModel
     words = "I am going to write with a pen pencil knife the . paper".split()
-    vocab = build_vocabulary(count_tokens([" ".join(words)]))
+    vocab = build_vocabulary(collections.Counter(words))
     lm = LanguageModel(tiny_bilm.options, len(vocab))
     lm.bilm.load_state_dict(tiny_bilm.state_dict())
     lm.eval()

@@ -3,7 +3,7 @@ import collections
 import pytest
 
 from torch_elmo.config import ElmoError
-from torch_elmo.vocab import Vocabulary, build_vocabulary
+from torch_elmo.vocab import Vocabulary, build_vocabulary, count_tokens, count_words
 from conftest import shared_path
 
 
@@ -60,3 +60,19 @@ def test_build_sorted_and_round_trip(tmp_path):
     assert v.check_frequency_sorted(counts)
     with pytest.warns(UserWarning, match="not sorted"):
         Vocabulary(["<S>", "</S>", "<UNK>", "c", "b"]).check_frequency_sorted(counts)
+
+
+def test_count_tokens_and_words(tmp_path):
+    (tmp_path / "f0.txt").write_text("a b\n\n  c \u3000d\n")   # unicode whitespace splits too
+    (tmp_path / "f1.txt").write_text("a a\nb\n")
+    files = [str(tmp_path / "f0.txt"), str(tmp_path / "f1.txt")]
+    assert count_tokens(str(tmp_path / "f*.txt")) == 7
+    assert count_tokens(files) == 7
+    assert count_words(files) == collections.Counter({"a": 3, "b": 2, "c": 1, "d": 1})
+
+
+def test_vocabulary_file_with_a_bom_keeps_its_specials(tmp_path):
+    p = tmp_path / "v.txt"
+    p.write_bytes(b"\xef\xbb\xbf<S>\n</S>\n<UNK>\nHello\n")
+    v = Vocabulary.read(p)
+    assert v.tokens == ["<S>", "</S>", "<UNK>", "Hello"] and v.bos == 0

@@ -1,4 +1,4 @@
-"""Characters: a token -> its fixed-width character ids (spec section 1).
+"""Characters: a token -> its fixed-width character ids (the char-CNN's input).
 
 This module owns the character alphabet and the +1 offset. Every id returned here carries the
 offset (real ids 1..261, 0 = padding token), in training as in inference: the model's char table

@@ -1,11 +1,13 @@
 """Configuration: dataclasses that mirror bilm-tf's options.json, and the model presets.
 
-Field names equal the options.json keys (spec sections 9 and 11), so a file round-trips through
+Field names equal the options.json keys, so a file round-trips through
 `Options.from_dict(json.load(f)).to_dict()` unchanged. This module owns:
 
-* `Options` (top level, training keys of section 9) holding `CharCNNOptions` and `LSTMOptions`;
+* `Options` (top level: bilm-tf's training keys) holding `CharCNNOptions` and `LSTMOptions`;
 * reading/writing options.json with one-line errors that name the file and the key;
-* the presets `tiny`, `small`, `medium`, `original` (section 11) as plain data;
+* the presets as plain data: `tiny` (tests), `wt2` (a small model a 2-core CPU trains on
+  WikiText-2 or the quickstart corpus in minutes, with its training keys), and the released
+  shapes `small`, `medium`, `original`;
 * `n_characters`: the ONE place where 261 (training files) vs 262 (inference files) is resolved.
   Inside torch_elmo every char id carries the +1 offset (0 = padding token), so the model always
   uses a 262-row table; 261 is only a number written into training-form options files.
@@ -229,6 +231,17 @@ PRESETS: dict[str, dict] = {
         "char_cnn": {"activation": "relu", "embedding": {"dim": 4},
                      "filters": [[1, 4], [2, 8], [3, 16], [4, 32], [5, 64]],
                      "max_characters_per_token": 50, "n_characters": 262, "n_highway": 1},
+    },
+    # A 2-core CPU trains this in minutes (the quickstart, benchmarks/train_wikitext2.py): char CNN
+    # 512 filters -> 64, 2 layers x LSTM 256 units with a 64-dim projection per direction.
+    "wt2": {
+        "lstm": {"dim": 256, "projection_dim": 64, "n_layers": 2, "cell_clip": 3, "proj_clip": 3,
+                 "use_skip_connections": True},
+        "char_cnn": {"activation": "relu", "embedding": {"dim": 16},
+                     "filters": [[1, 16], [2, 16], [3, 32], [4, 64], [5, 128], [6, 256]],
+                     "max_characters_per_token": 50, "n_characters": 262, "n_highway": 1},
+        "batch_size": 32, "unroll_steps": 20, "n_negative_samples_batch": 1024,
+        "state_reset_prob": 0.1,  # see Options.state_reset_prob: the zero-state attractor
     },
     # elmo_2x1024_128_2048cnn_1xhighway
     "small": {

@@ -1,7 +1,7 @@
-"""Training data: text files -> packed language-model batches (spec section 9), streamed.
+"""Training data: corpus files -> packed language-model batches, streamed.
 
-This module owns reading the corpus (one whitespace-tokenized sentence per line), counting its
-tokens, `elmo vocab`, and `LMBatchStream`, the exact bilm-tf `_get_batch` packing:
+This module owns `LMBatchStream`, the exact bilm-tf `_get_batch` packing of a corpus (one
+whitespace-tokenized sentence per line; reading and the bad-byte policy are textio's):
 
 * every batch row is an endless stream of sentences `[<S>, w1..wn, </S>]` (backward direction:
   `[</S>, wn..w1, <S>]`); a row takes a token as input and the following one as its target, and
@@ -25,12 +25,10 @@ have (a row's unfinished sentence is re-read from its block on restore, never st
   line order   = perm(n_lines;  seed, rank, dir, pass, file, block)
 
 With shuffle=False every order is the identity, so the stream is the files read in order
-(test mode, and the spec's worked example).
+(test mode).
 """
 from __future__ import annotations
 
-import collections
-import glob
 import os
 import sys
 import warnings
@@ -41,116 +39,11 @@ import torch
 
 from .chars import BOS_TOKEN, EOS_TOKEN, char_ids
 from .config import ElmoError
-from .vocab import Vocabulary, build_vocabulary
+from .textio import READ_BYTES, BadLines, as_files, expand_glob, name_files
+from .vocab import Vocabulary, build_vocabulary, count_words
 
 BLOCK_BYTES = 8 << 20       # shuffle unit: ~2x this in memory per direction while it is read
-_READ_BYTES = 4 << 20       # chunk for sequential scans (token counting, line numbering)
 _CACHE_TOKENS = 100_000     # char-id cache entries before it is cleared
-_NAMED_BAD_LINES = 5        # non-UTF-8 lines named one by one before only counting
-
-
-# ----------------------------------------------------------------------------------- files
-def expand_glob(pattern: str) -> list[str]:
-    """Sorted regular files matching `pattern` (`~` and `**` understood); a plain path matches
-    itself. ElmoError naming the pattern when nothing matches."""
-    pat = os.path.expanduser(os.fspath(pattern))
-    files = sorted(p for p in glob.glob(pat, recursive=True) if os.path.isfile(p))
-    if not files:
-        raise ElmoError(f"glob '{pattern}' matches no files")
-    return files
-
-
-def _as_files(files: Sequence[str] | str) -> list[str]:
-    if isinstance(files, (str, os.PathLike)):
-        return expand_glob(files)
-    out: list[str] = []
-    for f in files:
-        f = os.fspath(f)
-        out.extend([f] if os.path.isfile(f) else expand_glob(f))
-    if not out:
-        raise ElmoError("no training files given")
-    return out
-
-
-def _name_files(files: Sequence[str], limit: int = 3) -> str:
-    shown = ", ".join(files[:limit])
-    return shown + (f" (and {len(files) - limit} more)" if len(files) > limit else "")
-
-
-class BadLines:
-    """Counts skipped non-UTF-8 lines; warns naming `file:line` for the first few, then once that
-    further ones are only counted. `count` is the total."""
-
-    def __init__(self, named: int = _NAMED_BAD_LINES):
-        self.count = 0
-        self.named = named
-
-    def report(self, path: str, lineno: Optional[int]) -> None:
-        self.count += 1
-        where = f"{path}:{lineno}" if lineno is not None else path
-        if self.count <= self.named:
-            warnings.warn(f"{where}: not valid UTF-8, line skipped "
-                          f"(bad line #{self.count})", stacklevel=3)
-        elif self.count == self.named + 1:
-            warnings.warn(f"{where}: not valid UTF-8, line skipped; further bad lines are "
-                          f"skipped without being named (see the total count)", stacklevel=3)
-
-
-def iter_sentences(path: str, bad: Optional[BadLines] = None) -> Iterator[tuple[int, list[str]]]:
-    """Stream `(line_number, tokens)` of one file (1-based line numbers, whitespace tokens).
-    Blank lines are skipped; a non-UTF-8 line is skipped and reported to `bad`."""
-    bad = bad if bad is not None else BadLines()
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                tokens = raw.decode("utf-8").split()
-            except UnicodeDecodeError:
-                bad.report(path, lineno)
-                continue
-            if tokens:
-                yield lineno, tokens
-
-
-def _iter_text(path: str, bad: BadLines, chunk_bytes: int = _READ_BYTES) -> Iterator[str]:
-    """Decoded text of `path` in chunks of whole lines (fast path for counting). Joining the
-    chunks with whitespace gives the same `.split()` tokens as `iter_sentences`."""
-    lines_before = 0
-
-    def decode(chunk: bytes) -> str:
-        try:
-            return chunk.decode("utf-8")
-        except UnicodeDecodeError:
-            good = []
-            for i, raw in enumerate(chunk.split(b"\n")):
-                try:
-                    good.append(raw.decode("utf-8"))
-                except UnicodeDecodeError:
-                    bad.report(path, lines_before + i + 1)
-            return "\n".join(good)
-
-    with open(path, "rb") as f:
-        pending: list[bytes] = []           # a line longer than one chunk, in pieces
-        while True:
-            data = f.read(chunk_bytes)
-            if not data:
-                if pending:
-                    yield decode(b"".join(pending))
-                return
-            cut = data.rfind(b"\n") + 1
-            if cut == 0:
-                pending.append(data)
-                continue
-            chunk = b"".join([*pending, data[:cut]])
-            pending = [data[cut:]] if cut < len(data) else []
-            yield decode(chunk)
-            lines_before += chunk.count(b"\n")
-
-
-def count_tokens(files: Sequence[str] | str, bad: Optional[BadLines] = None) -> int:
-    """Number of training tokens in `files` (a glob or a list): words only, no `<S>`/`</S>`
-    (bilm-tf's n_train_tokens). Streams; non-UTF-8 lines are skipped and reported to `bad`."""
-    bad = bad if bad is not None else BadLines()
-    return sum(len(text.split()) for path in _as_files(files) for text in _iter_text(path, bad))
 
 
 def cli_vocab(args) -> int:
@@ -161,13 +54,10 @@ def cli_vocab(args) -> int:
         raise ElmoError(f"--max-size must be at least 3 (<S>, </S>, <UNK>), got {args.max_size}")
     files = expand_glob(args.train)
     bad = BadLines()
-    counts: collections.Counter = collections.Counter()
-    for path in files:
-        for text in _iter_text(path, bad):
-            counts.update(text.split())
+    counts = count_words(files, bad)
     n_tokens = sum(counts.values())
     if n_tokens == 0:
-        raise ElmoError(f"{_name_files(files)}: no tokens (empty or blank files)")
+        raise ElmoError(f"{name_files(files)}: no tokens (empty or blank files)")
     vocab = build_vocabulary(counts, min_count=args.min_count, max_size=args.max_size)
     covered = sum(counts[t] for t in vocab.tokens)
     parent = os.path.dirname(os.path.abspath(args.out))
@@ -238,7 +128,7 @@ class _Direction:
             if self.shard < len(st.shards):
                 continue
             if self.pass_sentences == 0:
-                where = _name_files(st.shards)
+                where = name_files(st.shards)
                 if st.world_size > 1:
                     where += f" for rank {st.rank} of {st.world_size}"
                 raise ElmoError(f"{where}: no sentences (only blank or undecodable lines); "
@@ -251,7 +141,7 @@ class _Direction:
         return None
 
     # -- packing -----------------------------------------------------------------------------
-    # One batch, B rows x T steps (here B=2, T=3, the spec's worked example, ids of the vocab
+    # One batch, B rows x T steps (here B=2, T=3, ids of the vocab
     # [<S>, </S>, <UNK>, the, ., chr(256)+t]; sentences s1 = "the unknown .", s2 = "th .",
     # s3 = "the"; each sentence is [<S> w1 .. wn </S>], a row consumes len-1 inputs of it):
     #
@@ -336,7 +226,7 @@ class _Direction:
 
 
 class LMBatchStream:
-    """Packed bidirectional LM batches from text files (spec section 9), streamed.
+    """Packed bidirectional LM batches from text files, streamed.
 
     Each batch is a dict: "fwd_chars" (B, T, C) char ids with the +1 offset (never padding),
     "fwd_targets" (B, T) vocab ids of the next token (OOV -> <UNK>), "fwd_inputs" (B, T) vocab
@@ -382,7 +272,7 @@ class LMBatchStream:
         self.bidirectional = bool(bidirectional)
         self.rank, self.world_size, self.block_bytes = int(rank), int(world_size), int(block_bytes)
 
-        self.files = _as_files(files)
+        self.files = as_files(files)
         sizes = []
         for f in self.files:
             try:
@@ -393,10 +283,10 @@ class LMBatchStream:
         if len(empty) == len(self.files):
             if len(empty) == 1:
                 raise ElmoError(f"{empty[0]}: file is empty; no batch could ever be made")
-            raise ElmoError(f"all {len(empty)} files are empty: {_name_files(empty)}; "
+            raise ElmoError(f"all {len(empty)} files are empty: {name_files(empty)}; "
                             f"no batch could ever be made")
         if empty:
-            warnings.warn(f"skipping {len(empty)} empty file(s): {_name_files(empty)}",
+            warnings.warn(f"skipping {len(empty)} empty file(s): {name_files(empty)}",
                           stacklevel=2)
         full = [(f, n) for f, n in zip(self.files, sizes) if n > 0]
         self.split_lines = len(full) < self.world_size
@@ -489,8 +379,8 @@ class LMBatchStream:
             k = diff[0]
             old, new = state["config"].get(k), mine[k]
             if k in ("files", "sizes"):
-                old, new = (_name_files([str(x) for x in old or []]),
-                            _name_files([str(x) for x in new]))
+                old, new = (name_files([str(x) for x in old or []]),
+                            name_files([str(x) for x in new]))
             raise ElmoError(f"data state does not match this stream: {k} was {old}, now {new}"
                             + (f" (also {', '.join(diff[1:])})" if len(diff) > 1 else ""))
         self.reset()

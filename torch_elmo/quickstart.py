@@ -247,23 +247,10 @@ def headline_task(articles: list[dict], seed: int = 0, test_fraction: float = 0.
 
 
 # ------------------------------------------------------------------------------------ the run
-# The shape benchmarks/train_wikitext2.py uses on a 2-core CPU (a few thousand tokens/s): char CNN
-# 512 filters -> 64, 2 layers x LSTM 256 units with a 64-dim projection per direction.
-QUICKSTART_OPTIONS = {
-    "lstm": {"dim": 256, "projection_dim": 64, "n_layers": 2, "cell_clip": 3, "proj_clip": 3,
-             "use_skip_connections": True},
-    "char_cnn": {"activation": "relu", "embedding": {"dim": 16},
-                 "filters": [[1, 16], [2, 16], [3, 32], [4, 64], [5, 128], [6, 256]],
-                 "max_characters_per_token": 50, "n_characters": 261, "n_highway": 1},
-    "dropout": 0.1, "batch_size": 32, "unroll_steps": 20, "n_negative_samples_batch": 1024,
-    "state_reset_prob": 0.1,  # see config.Options.state_reset_prob: the zero-state attractor
-    "learning_rate": 0.2, "all_clip_norm_val": 10.0, "n_epochs": 1,
-}
-
-
 def quickstart_options():
-    from .config import Options
-    return Options.from_dict(dict(QUICKSTART_OPTIONS), source="quickstart options")
+    """The `wt2` preset for one epoch (the time budget stops the run first)."""
+    from .config import preset
+    return preset("wt2").replace(n_epochs=1)
 
 
 def _hr(title: str) -> None:
@@ -293,7 +280,7 @@ def cli_quickstart(args) -> int:
     from .embed import ElmoEmbedder
     from .evaluate import perplexity
     from .tasks import run_classification
-    from .vocab import Vocabulary, build_vocabulary, count_tokens
+    from .vocab import Vocabulary, build_vocabulary, count_words
 
     t_start = time.time()
     work = Path(args.work_dir)
@@ -321,7 +308,7 @@ def cli_quickstart(args) -> int:
     # held-out set): no held-out word becomes <UNK>, so perplexity is not flattered by easy
     # <UNK> targets, and rare demo words (pencil, frog) keep their own softmax row
     # (sorted by training frequency, as the log-uniform sampler assumes; held-out-only words last)
-    vocab = build_vocabulary(count_tokens(" ".join(s) for s in train_s))
+    vocab = build_vocabulary(count_words(str(data_dir / "train.txt")))
     unseen = sorted({t for s in held_s for t in s} - set(vocab.tokens))
     vocab = Vocabulary(vocab.tokens + unseen, source="quickstart vocabulary")
     vocab.write(data_dir / "vocab.txt")

@@ -1,21 +1,25 @@
-"""Vocabulary: the bilm-tf vocabulary file (spec section 2), read, validated, built and written.
+"""Vocabulary: the bilm-tf vocabulary file, read, validated, built and written; corpus counts.
 
 One token per line, whitespace-stripped, ids in line order from 0, the line `!!!MAXTERMID`
 skipped. Training needs `<S>`, `</S>`, `<UNK>` and a file sorted by descending corpus frequency
 (the log-uniform sampler assumes id 0 is the most frequent class). Out-of-vocabulary words map to
 `<UNK>`; the vocabulary only gives softmax targets, inputs are always characters.
+
+This module also owns counting a corpus: `count_words` (token frequencies, for building a
+vocabulary) and `count_tokens` (bilm-tf's n_train_tokens: words only, no `<S>`/`</S>`).
 """
 from __future__ import annotations
 
 import collections
 import os
 import warnings
-from typing import Iterable, Optional
+from typing import Optional, Sequence
 
+from .chars import BOS_TOKEN as BOS
+from .chars import EOS_TOKEN as EOS
 from .config import ElmoError
+from .textio import BadLines, as_files, iter_text
 
-BOS = "<S>"
-EOS = "</S>"
 UNK = "<UNK>"
 SPECIALS = (BOS, EOS, UNK)
 _MAXTERMID = "!!!MAXTERMID"
@@ -55,7 +59,7 @@ class Vocabulary:
         return self.tokens[i]
 
     def encode(self, sentence: list[str], reverse: bool = False) -> list[int]:
-        """`[<S>] + ids + [</S>]`; reversed: `[</S>] + reversed ids + [<S>]` (section 2)."""
+        """`[<S>] + ids + [</S>]`; reversed: `[</S>] + reversed ids + [<S>]`."""
         ids = [self.word_to_id(t) for t in sentence]
         if reverse:
             return [self.eos, *reversed(ids), self.bos]
@@ -71,7 +75,7 @@ class Vocabulary:
             with open(path, "rb") as f:
                 for lineno, raw in enumerate(f, 1):
                     try:
-                        line = raw.decode("utf-8").strip()
+                        line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8").strip()
                     except UnicodeDecodeError:
                         raise ElmoError(f"{path}:{lineno}: not valid UTF-8") from None
                     if not line or line == _MAXTERMID:
@@ -106,11 +110,22 @@ class Vocabulary:
         return True
 
 
-def count_tokens(lines: Iterable[str]) -> collections.Counter:
+def count_words(files: Sequence[str] | str, bad: Optional[BadLines] = None) -> collections.Counter:
+    """Token frequencies of `files` (a glob or a list), streamed; non-UTF-8 lines are skipped and
+    reported to `bad`."""
+    bad = bad if bad is not None else BadLines()
     counts: collections.Counter = collections.Counter()
-    for line in lines:
-        counts.update(line.split())
+    for path in as_files(files):
+        for text in iter_text(path, bad):
+            counts.update(text.split())
     return counts
+
+
+def count_tokens(files: Sequence[str] | str, bad: Optional[BadLines] = None) -> int:
+    """Number of training tokens in `files` (a glob or a list): words only, no `<S>`/`</S>`
+    (bilm-tf's n_train_tokens). Streams; non-UTF-8 lines are skipped and reported to `bad`."""
+    bad = bad if bad is not None else BadLines()
+    return sum(len(text.split()) for path in as_files(files) for text in iter_text(path, bad))
 
 
 def build_vocabulary(counts: collections.Counter, min_count: int = 1,
