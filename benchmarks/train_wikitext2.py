@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from torch_elmo import data  # noqa: E402
+from torch_elmo import data, textio  # noqa: E402
 from torch_elmo.config import Options, preset  # noqa: E402
 from torch_elmo.evaluate import perplexity  # noqa: E402
 from torch_elmo.train import export_run, load_checkpoint, load_language_model, train  # noqa: E402
@@ -62,7 +62,7 @@ CONFIGS = {
 
 def build_vocab(train_file: str, out: str) -> Vocabulary:
     counts: collections.Counter = collections.Counter()
-    for _, tokens in data.iter_sentences(train_file):
+    for _, tokens in textio.iter_sentences(train_file):
         counts.update(tokens)
     vocab = build_vocabulary(counts)
     vocab.write(out)

@@ -642,12 +642,12 @@ def _batch_to(batch: dict, device: torch.device) -> dict:
 def _sentence_count_check(files: list[str], vocab: Vocabulary) -> int:
     """One pass over the training data: the number of tokens (n_train_tokens) and a frequency
     check of the vocabulary (warns if it is not sorted by descending count, section 2)."""
-    from . import data
+    from . import data, textio
     counts: dict[str, int] = {}
     total = 0
     bad = data.BadLines()
     for path in files:
-        for _, tokens in data.iter_sentences(path, bad):
+        for _, tokens in textio.iter_sentences(path, bad):
             total += len(tokens)
             for t in tokens:
                 if t in vocab:
