@@ -46,7 +46,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from torch_elmo import tasks  # noqa: E402
+from torch_elmo import ElmoEmbedder, ElmoError, tasks  # noqa: E402
+from torch_elmo.hub import resolve_model  # noqa: E402
 
 CLASSIFICATION = {
     "emotion": ("emotion-dair-ai/train.txt", "emotion-dair-ai/val.txt", "emotion-dair-ai/test.txt",
@@ -187,8 +188,8 @@ def main(argv=None) -> int:
     embedder = None
     if not args.no_elmo:
         try:
-            embedder = tasks.load_embedder(args.model, device=args.device)
-        except tasks.ElmoError as e:
+            embedder = ElmoEmbedder(*resolve_model(args.model), device=args.device)
+        except ElmoError as e:
             ap.error(str(e) + " (train one with benchmarks/train_wikitext2.py, or pass --model)")
         o = embedder.model.options
         log(f"model {args.model}: LSTM {o.lstm.dim}/{o.lstm.projection_dim} x{o.lstm.n_layers}, "

@@ -5,11 +5,10 @@ import h5py
 import numpy as np
 import pytest
 
-from torch_elmo import ElmoEmbedder, ElmoError, load_bilm
+from torch_elmo import ElmoEmbedder, load_bilm
 from torch_elmo.cli import main
-from torch_elmo.embed import embed_file, token_windows
 
-from test_embed import _expected, _fixture_batches
+from test_embed import fixture_batches, fixture_top_layer
 
 
 def _run(capsys, *argv) -> tuple[int, str]:
@@ -25,7 +24,7 @@ def _read(path) -> dict:
 
 def test_cli_carry_reproduces_the_fixture(fixture_model_dir, tmp_path, capsys):
     d = fixture_model_dir
-    flat = [s for batch in _fixture_batches(d) for s in batch]     # i-major, k-minor
+    flat = [s for batch in fixture_batches(d) for s in batch]     # i-major, k-minor
     (tmp_path / "in.txt").write_text("\n".join(" ".join(s) for s in flat) + "\n")
     rc, err = _run(capsys, "--model", d, "--input", tmp_path / "in.txt", "--output",
                    tmp_path / "out.hdf5", "--state", "carry", "--batch-size", 3)
@@ -36,7 +35,7 @@ def test_cli_carry_reproduces_the_fixture(fixture_model_dir, tmp_path, capsys):
         for k in range(3):
             got = data[str(3 * i + k)]
             assert got.shape == (3, len(flat[3 * i + k]), 32) and got.dtype == np.float32
-            assert np.allclose(got[2], _expected(d, k, i), atol=1e-6), (i, k)
+            assert np.allclose(got[2], fixture_top_layer(d, k, i), atol=1e-6), (i, k)
     assert index[" ".join(flat[4])] == "4"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "out.hdf5"]  # no temp file
 
@@ -44,7 +43,7 @@ def test_cli_carry_reproduces_the_fixture(fixture_model_dir, tmp_path, capsys):
 @pytest.mark.parametrize("state", ["zero", "warm"])
 def test_sorted_states_write_input_order(fixture_model_dir, tmp_path, capsys, state):
     d = fixture_model_dir
-    flat = [s for batch in _fixture_batches(d) for s in batch][:12]
+    flat = [s for batch in fixture_batches(d) for s in batch][:12]
     lines = [" ".join(s) for s in flat]
     lines.insert(5, "")                                             # an empty line
     (tmp_path / "in.txt").write_text("\n".join(lines) + "\n")
@@ -79,20 +78,6 @@ def test_layers_dtype_and_empty_lines(fixture_model_dir, tmp_path, capsys):
     half = out["all", "float16"]
     assert half["0"].dtype == np.float16 and half["1"].shape == (3, 0, 32)
     assert np.allclose(half["0"], full["0"], atol=2e-3, rtol=1e-3)
-
-
-def test_token_windows_tile_and_overlap():
-    assert token_windows(10, None) == [(0, 10, 0, 10)]
-    assert token_windows(10, 10) == [(0, 10, 0, 10)]
-    for n, w in [(11, 10), (5000, 1000), (37, 8), (9, 4), (7, 1), (100, 3)]:
-        wins = token_windows(n, w)
-        kept = [i for _, _, a, b in wins for i in range(a, b)]
-        assert kept == list(range(n)), (n, w)                     # exact tiling
-        m = w // 4
-        for start, end, a, b in wins:
-            assert end - start <= w and start <= a < b <= end
-            assert a - start >= m or start == 0                    # context on the left
-            assert end - b >= m or end == n                        # and on the right
 
 
 def test_long_line_is_windowed(fixture_model_dir, tmp_path, capsys):
@@ -147,26 +132,3 @@ def test_bad_model_and_paths_are_one_line_errors(fixture_model_dir, tmp_path, ca
                    tmp_path / "no" / "dir" / "out.hdf5")
     assert rc == 2 and err.count("\n") == 1 and "does not exist" in err
     assert not out.exists()
-
-
-def test_interrupted_embedding_leaves_no_output(fixture_model_dir, tmp_path, monkeypatch):
-    d = fixture_model_dir
-    (tmp_path / "in.txt").write_text("a b\nc d\ne f\n")
-    out = tmp_path / "out.hdf5"
-    out.write_bytes(b"previous result")
-    emb = ElmoEmbedder(d / "options.json", d / "lm_weights.hdf5", state="zero")
-    calls = []
-
-    def boom(batch):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return ElmoEmbedder.embed_batch(emb, batch)
-
-    monkeypatch.setattr(emb, "embed_batch", boom)
-    with pytest.raises(KeyboardInterrupt):
-        embed_file(emb, tmp_path / "in.txt", out, batch_size=1)
-    assert out.read_bytes() == b"previous result"                   # untouched
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "out.hdf5"]
-    with pytest.raises(ElmoError, match="layers must be"):
-        embed_file(emb, tmp_path / "in.txt", out, layers="middle")

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from torch_elmo import ElmoEmbedder
 from torch_elmo import quickstart as qs
 from torch_elmo.config import preset
-from torch_elmo.tasks import load_embedder
 from torch_elmo.vocab import build_vocabulary
 
 
@@ -67,7 +67,7 @@ def tiny_bilm():
 
 
 def test_plane_demo_layer0_identical_contextual_differ(tiny_bilm):
-    sims = qs.plane_demo(load_embedder(None, bilm=tiny_bilm))
+    sims = qs.plane_demo(ElmoEmbedder(model=tiny_bilm))
     assert sorted(sims) == [0, 1, 2]
     assert np.allclose(sims[0], 1.0, atol=1e-6)          # context-free: the same vector
     for layer in (1, 2):

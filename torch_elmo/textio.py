@@ -132,19 +132,21 @@ def iter_text(path: str, bad: BadLines, chunk_bytes: int = READ_BYTES) -> Iterat
 
 # --------------------------------------------------------------------------------- whole files
 def read_lines(path: str | os.PathLike, errors: str = "strict",
-               warn: Optional[Callable[[str], None]] = None, what: str = "file") -> list[str]:
+               warn: Optional[Callable[[str], None]] = None, what: str = "file",
+               not_found: Optional[str] = None) -> list[str]:
     """All lines of a text file, split on `\n` only (no line ends; a trailing `\r` stays, it is
     whitespace to every tokenizer here), a leading BOM dropped. `errors="strict"`: ElmoError
     `path:line: not valid UTF-8`; `errors="replace"`: undecodable bytes become U+FFFD, and ONE
     message naming the first bad `file:line` and the count goes to `warn` (default
-    `warnings.warn`), so line numbers stay aligned with the file."""
+    `warnings.warn`), so line numbers stay aligned with the file. A missing file is ElmoError
+    `path: {what} not found`, or `path: {not_found}` when given."""
     if errors not in ("strict", "replace"):
         raise ValueError(f"errors must be 'strict' or 'replace', got {errors!r}")
     p = Path(path)
     try:
         data = p.read_bytes()
     except FileNotFoundError:
-        raise ElmoError(f"{path}: {what} not found") from None
+        raise ElmoError(f"{path}: {not_found or what + ' not found'}") from None
     except IsADirectoryError:
         raise ElmoError(f"{path}: is a directory, expected a text file") from None
     if data.startswith(BOM):

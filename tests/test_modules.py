@@ -1,27 +1,10 @@
-"""load() / the TF-Hub-style call, Elmo + ScalarMix, state modes, the token-embedding cache."""
-import json
-
-import h5py
+"""modules.py: load() and the TF-Hub-style call (ElmoModel), Elmo (allennlp) and ScalarMix."""
 import numpy as np
 import pytest
 import torch
 
-from torch_elmo import (Elmo, ElmoEmbedder, ElmoError, ScalarMix, TokenEmbeddingCache,
-                        batch_to_ids, dump_token_embeddings, load, load_bilm)
-from torch_elmo.embed import DEFAULT_STATE, STATE_MODES, warm_state
-from torch_elmo.export import save_weights
-
-from test_embed import _expected, _fixture_batches
-
-
-@pytest.fixture
-def bilm(fixture_model_dir):
-    d = fixture_model_dir
-    return load_bilm(d / "options.json", d / "lm_weights.hdf5")
-
-
-def _fixture_sentences(d):
-    return [s for batch in _fixture_batches(d) for s in batch]
+from torch_elmo import Elmo, ElmoEmbedder, ElmoError, ScalarMix, batch_to_ids, load, load_bilm
+from torch_elmo.embed import DEFAULT_STATE
 
 
 # ------------------------------------------------------------------------------ TF-Hub call
@@ -83,54 +66,6 @@ def test_hub_mix_is_trainable_and_bilm_frozen(fixture_model_dir):
     assert elmo.scalar_mix.scalar_parameters.grad is not None
     assert elmo.scalar_mix.gamma.grad is not None
     assert all(p.grad is None and not p.requires_grad for p in elmo.bilm.parameters())
-
-
-# ------------------------------------------------------------------------------ state modes
-def test_zero_and_warm_are_batch_independent(fixture_model_dir):
-    sents = _fixture_sentences(fixture_model_dir)
-    target = ["Nothing", "suits", "me", "like", "suit"]
-    longer = [sents[k % 30] + sents[(k + 7) % 30] for k in range(32)]   # 32 longer sentences
-    assert min(map(len, longer)) > len(target)
-    for state in ("zero", "warm"):
-        elmo = load(fixture_model_dir, state=state)
-        alone = elmo.embed_sentence(target)
-        for row in (0, 17, 32):
-            batch = longer[:row] + [target] + longer[row:]
-            got = elmo.embed_batch(batch)[row]
-            assert np.allclose(got, alone, atol=1e-5), (state, row)
-        # the hub call too, after other calls ran
-        again = elmo(tokens=[target])["lstm_outputs2"][0].detach().numpy()
-        assert np.allclose(again, alone[2], atol=1e-5)
-
-
-def test_carry_depends_on_history_and_warm_differs_from_zero(fixture_model_dir):
-    target = ["Nothing", "suits", "me", "like", "suit"]
-    carry = load(fixture_model_dir, state="carry")
-    first = carry.embed_sentence(target)
-    assert not np.allclose(carry.embed_sentence(target), first, atol=1e-3)
-    zero = load(fixture_model_dir, state="zero").embed_sentence(target)
-    warm = load(fixture_model_dir, state="warm").embed_sentence(target)
-    assert np.allclose(first, zero, atol=1e-6)       # first carry call starts from zeros
-    assert np.array_equal(warm[0], zero[0])          # layer 0 is context-free
-    assert not np.allclose(warm[1:], zero[1:], atol=1e-3)
-    with pytest.raises(ElmoError, match="state must be"):
-        load(fixture_model_dir, state="hot")
-    assert STATE_MODES == ("carry", "zero", "warm")
-
-
-def test_warm_state_is_deterministic_and_follows_the_weights(bilm):
-    c1, h1 = warm_state(bilm)
-    c2, h2 = warm_state(bilm)
-    assert torch.equal(c1, c2) and torch.equal(h1, h2)
-    assert c1.shape == (2, 2, 1, 64) and h1.shape == (2, 2, 1, 16)
-    emb = ElmoEmbedder(model=bilm, state="warm")
-    before = emb.embed_sentence(["a", "b"])
-    with torch.no_grad():
-        bilm.forward_layers[0].bias.add_(0.1)       # in place, as an optimizer step does
-    after = emb.embed_sentence(["a", "b"])
-    c3, _ = emb.states.read(1)
-    assert torch.allclose(c3, warm_state(bilm)[0]) and not torch.allclose(c3, c1)
-    assert not np.allclose(before[1], after[1])
 
 
 # ------------------------------------------------------------------------------------- Elmo
@@ -208,35 +143,7 @@ def test_scalar_mix_layer_norm_and_penalty():
         plain(layers[:2])
 
 
-# --------------------------------------------------------------------------- token cache
-def test_token_cache_path_equals_character_path(fixture_model_dir, tmp_path):
-    d = fixture_model_dir
-    batches = _fixture_batches(d)
-    vocab = sorted({t for b in batches for s in b for t in s})
-    (tmp_path / "vocab.txt").write_text("\n".join(["<S>", "</S>", *vocab]) + "\n")
-    dump_token_embeddings(tmp_path / "vocab.txt", d / "options.json", d / "lm_weights.hdf5",
-                          tmp_path / "tokens.hdf5")
-    with h5py.File(tmp_path / "tokens.hdf5") as f:
-        assert f["embedding"].shape == (len(vocab) + 2, 16)
-    bilm = load_bilm(d / "options.json", d / "lm_weights.hdf5")
-    cache = TokenEmbeddingCache.load(bilm, tmp_path / "tokens.hdf5", grow=False)
-    ids = cache.token_ids([vocab[:2], vocab[2:3]])            # line index + 1, 0 = padding
-    assert ids.tolist() == [[1, 3, 4, 2], [1, 5, 2, 0]]
-    tok = ElmoEmbedder(model=bilm, state="carry", token_cache=cache, max_batch_size=4)
-    char = ElmoEmbedder(d / "options.json", d / "lm_weights.hdf5", state="carry")
-    for i, batch in enumerate(batches):
-        a, b = tok.embed_batch(batch), char.embed_batch(batch)
-        for k in range(3):
-            assert np.allclose(a[k], b[k], atol=1e-6), (i, k, np.abs(a[k] - b[k]).max())
-            assert np.allclose(a[k][2], _expected(d, k, i), atol=1e-6)
-    with pytest.raises(ElmoError, match="not in the cache"):
-        cache.token_ids([["zzz-unknown"]])
-    grow = TokenEmbeddingCache(bilm, ["the"])                    # unknown tokens are added
-    x = ElmoEmbedder(model=bilm, state="zero", token_cache=grow).embed_sentence(["a", "zzz"])
-    y = ElmoEmbedder(model=bilm, state="zero").embed_sentence(["a", "zzz"])
-    assert np.allclose(x, y, atol=1e-6) and "zzz" in grow.index
-
-
+# ------------------------------------------------------------------------------------- load
 def test_load_errors_are_one_line(tmp_path, fixture_model_dir):
     with pytest.raises(ElmoError, match="not a pretrained name"):
         load(tmp_path / "nowhere")

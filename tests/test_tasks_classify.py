@@ -1,0 +1,128 @@
+"""tasks/classify.py: the readers (tiny files and the shared data sets), pooled features, the
+classifier on a separable toy set, `elmo classify`. A tiny random biLM; seconds."""
+import numpy as np
+import pytest
+
+from conftest import shared_path
+from torch_elmo import cli, export_model
+from torch_elmo.tasks import classify, common
+from torch_elmo.tasks.classify import Example
+
+from test_tasks_common import embedder, random_set, run_cli  # noqa: F401 (embedder: a fixture)
+
+FRUIT = "apple banana cherry grape lemon mango melon peach pear plum".split()
+TOOLS = "hammer wrench drill chisel saw pliers spanner mallet axe file".split()
+FILLER = "the a my your some this that".split()
+
+
+def separable_examples(n, seed):
+    """Two classes told apart by which word list their content words come from."""
+    def one(rng, i):
+        label = ["fruit", "tool"][i % 2]
+        words = FRUIT if label == "fruit" else TOOLS
+        return Example([rng.choice(FILLER), rng.choice(words), "and", rng.choice(words)], label)
+    return random_set(n, seed, one)
+
+
+def write_tsv(path, examples):
+    path.write_text("".join(f"{' '.join(e.tokens)}\t{e.label}\n" for e in examples))
+
+
+def test_classifier_learns_separable_set(embedder):
+    train, test = separable_examples(80, 0), separable_examples(40, 1)
+    cache = {}
+    for features in ("elmo", "tfidf", "layer0"):
+        r = classify.run_classification(train, test, features=features, embedder=embedder,
+                                        feature_cache=cache)
+        if features == "layer0":  # only P=16 random char-CNN dims: it runs, and beats chance
+            assert r["accuracy"] > 0.6 and r["dim"] == embedder.model.proj_dim
+            continue
+        assert r["accuracy"] > 0.9, (features, r["accuracy"])
+        assert r["macro_f1"] > 0.9 and set(r["per_class_f1"]) == {"fruit", "tool"}
+    tiny_dim = 2 * embedder.model.proj_dim
+    r = classify.run_classification(train, test, dev=separable_examples(20, 2), embedder=embedder)
+    assert r["dim"] == tiny_dim and r["reg"] in classify.C_GRID and len(r["predictions"]) == 40
+
+
+def test_pooled_features(embedder):
+    alone = common.embed_layers(embedder, [["the", "plane", "took", "off"]])[0]
+    pooled = classify.pool_features([alone], embedder.model.proj_dim)
+    assert np.allclose(pooled["elmo"][0], alone.mean(axis=0).mean(axis=0))
+    assert np.allclose(pooled["layer0"][0], alone[0, :, :embedder.model.proj_dim].mean(axis=0))
+
+
+# ------------------------------------------------------------------------ shared data formats
+@pytest.mark.parametrize("parts, fmt, tokens, label", [
+    (("emotion-dair-ai", "val.txt"), "emotion",
+     "im feeling quite sad and sorry for myself but ill snap out of it soon", "sadness"),
+    (("sst", "sst2-sentence", "dev.tsv"), "tsv", None, None),
+    (("sst", "senteval-binary", "sentiment-dev"), "tsv",
+     "it 's a charming and often affecting journey .", "1"),
+    (("sst", "senteval-fine", "sentiment-dev"), "sst", "in his first stab at the form , jacquot "
+     "takes a slightly anarchic approach that works only sporadically .", "2"),
+    (("trec", "TREC_10.label"), "trec", "How far is it from Denver to Aspen ?", "NUM"),
+])
+def test_readers_parse_shared_formats(parts, fmt, tokens, label):
+    path = shared_path("data", *parts)
+    assert classify.detect_format(path) == fmt
+    examples = classify.read_examples(path)
+    assert examples == classify.read_examples(path, "sst" if parts[0] == "sst" else fmt)
+    first = examples[0]
+    if tokens is None:  # sst2-sentence: header skipped, first row of the file's data
+        line = path.read_text().splitlines()[1]
+        tokens, label = line.rsplit("\t", 1)
+        assert label in ("0", "1")
+    assert first == Example(tokens.split(), label)
+
+
+def test_reader_counts_match_shared_readmes():
+    assert len(classify.read_examples(shared_path("data", "emotion-dair-ai", "test.txt"))) == 2000
+    assert len(classify.read_examples(shared_path("data", "sst", "sst2-sentence",
+                                                  "test.tsv"))) == 1821
+    trec = classify.read_examples(shared_path("data", "trec", "TREC_10.label"))
+    assert len(trec) == 500 and {e.label for e in trec} == {"ABBR", "DESC", "ENTY", "HUM", "LOC",
+                                                           "NUM"}
+    assert classify.read_trec(shared_path("data", "trec", "TREC_10.label"), fine=True)[0].label == \
+        "NUM:dist"
+
+
+# ------------------------------------------------------------------------------ elmo classify
+def test_cli_classify_errors_are_one_line(tmp_path, capsys):
+    good = tmp_path / "train.tsv"
+    good.write_text("good film\tpos\nbad film\tneg\n")
+    missing = tmp_path / "nope.tsv"
+    rc, err = run_cli(["classify", "--features", "tfidf", "--train", str(good), "--test",
+                       str(missing)], capsys)
+    assert rc == 2 and len(err) == 1 and err[0] == f"elmo classify: error: {missing}: no such file"
+
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("fine film\tpos\nno tab on this line\n")
+    rc, err = run_cli(["classify", "--features", "tfidf", "--format", "tsv", "--train", str(good),
+                       "--test", str(bad)], capsys)
+    assert rc == 2 and len(err) == 1 and f"{bad}:2: expected 'text<TAB>label'" in err[0]
+
+    rc, err = run_cli(["classify", "--train", str(good), "--test", str(good)], capsys)
+    assert rc == 2 and len(err) == 1 and "--model is required" in err[0]
+
+
+def test_cli_classify_tfidf_writes_predictions(tmp_path, capsys):
+    train, test = tmp_path / "train.tsv", tmp_path / "test.tsv"
+    write_tsv(train, separable_examples(40, 0))
+    write_tsv(test, separable_examples(20, 1))
+    pred = tmp_path / "pred.tsv"
+    assert cli.main(["classify", "--features", "tfidf", "--train", str(train), "--test", str(test),
+                     "--dev", str(test), "--predictions", str(pred)]) == 0
+    out = capsys.readouterr().out
+    assert "accuracy 1.0000" in out and "macro-F1 1.0000" in out
+    rows = pred.read_text().splitlines()
+    assert rows[0] == "text\tgold\tpredicted" and len(rows) == 21
+
+
+def test_cli_classify_with_a_model(tmp_path, tiny_model, capsys):
+    model_dir = tmp_path / "model"
+    export_model(tiny_model, model_dir)
+    train = tmp_path / "train.tsv"
+    write_tsv(train, separable_examples(40, 0))
+    assert cli.main(["classify", "--model", str(model_dir), "--train", str(train), "--test",
+                     str(train), "--features", "layer0"]) == 0
+    assert "accuracy" in capsys.readouterr().out

@@ -1,0 +1,144 @@
+"""tasks/ner.py: IOB1 -> BIO, the CoNLL reader/writer, seqeval scoring, the tagger on a toy set,
+`elmo ner`. A tiny random biLM; seconds."""
+import pytest
+
+from conftest import shared_path
+from torch_elmo import cli, export_model
+from torch_elmo.tasks import ner
+from torch_elmo.tasks.ner import ConllSentence
+
+from test_tasks_common import embedder, random_set, run_cli  # noqa: F401 (embedder: a fixture)
+
+CONLL_IOB1 = """\
+-DOCSTART- -X- O O
+
+EU NNP I-NP I-ORG
+rejects VBZ I-VP O
+German JJ I-NP I-MISC
+call NN I-NP O
+. . O O
+
+Peter NNP I-NP I-PER
+Blackburn NNP I-NP I-PER
+Paul NNP I-NP B-PER
+Smith NNP I-NP I-PER
+in IN I-PP O
+New NNP I-NP I-LOC
+York NNP I-NP I-LOC
+Times NNP I-NP I-ORG
+
+-DOCSTART- -X- -X- O
+
+Spain NNP I-NP I-LOC
+wins VBZ I-VP O
+
+"""
+
+
+def test_iob1_to_bio():
+    assert ner.iob1_to_bio(["I-PER", "I-PER", "B-PER", "I-PER", "O", "I-LOC", "I-ORG"]) == \
+        ["B-PER", "I-PER", "B-PER", "I-PER", "O", "B-LOC", "B-ORG"]
+    assert ner.iob1_to_bio(["O", "I-MISC", "B-MISC", "O", "B-LOC"]) == \
+        ["O", "B-MISC", "B-MISC", "O", "B-LOC"]
+    assert ner.iob1_to_bio(["B-PER", "I-PER", "O"]) == ["B-PER", "I-PER", "O"]  # BIO unchanged
+
+
+def test_conll_reader_round_trips_and_converts(tmp_path):
+    src = tmp_path / "eng.mini"
+    src.write_text(CONLL_IOB1)
+    every = ner.read_conll(src, keep_docstart=True)
+    assert [s.is_docstart for s in every] == [True, False, False, True, False]
+    out = tmp_path / "copy"
+    ner.write_conll(every, out)
+    assert out.read_bytes() == src.read_bytes()
+
+    sents = ner.read_conll(src)  # -DOCSTART- dropped
+    assert [s.tokens[0] for s in sents] == ["EU", "Peter", "Spain"]
+    assert sents[0].tags == ["B-ORG", "O", "B-MISC", "O", "O"]
+    assert sents[1].tags == ["B-PER", "I-PER", "B-PER", "I-PER", "O", "B-LOC", "I-LOC", "B-ORG"]
+    assert sents[2].rows[0] == ["Spain", "NNP", "I-NP", "I-LOC"]
+
+    # writing BIO + a predicted column gives conlleval's 5-column layout, readable again
+    ner.write_conll(sents, out, extra=[s.tags for s in sents], bio=True)
+    lines = out.read_text().splitlines()
+    assert lines[0] == "EU NNP I-NP B-ORG B-ORG"
+    again = ner.read_conll(out, scheme="bio")
+    assert [s.tags for s in again] == [s.tags for s in sents]
+
+
+def test_seqeval_entity_f1_by_hand():
+    gold = [["B-PER", "I-PER", "O", "B-LOC", "O"], ["B-ORG", "I-ORG", "I-ORG", "O", "B-MISC"]]
+    pred = [["B-PER", "I-PER", "O", "B-ORG", "O"], ["B-ORG", "I-ORG", "O", "O", "B-MISC"]]
+    # gold entities: PER(0-1) LOC(3) | ORG(0-2) MISC(4)                     -> 4
+    # predicted:     PER(0-1) ORG(3) | ORG(0-1) MISC(4)                     -> 4
+    # exact matches (type and span): PER(0-1), MISC(4)                      -> 2
+    p, r = 2 / 4, 2 / 4
+    s = ner.ner_scores(gold, pred)
+    assert s["precision"] == pytest.approx(p) and s["recall"] == pytest.approx(r)
+    assert s["f1"] == pytest.approx(2 * p * r / (p + r))
+    assert ner.ner_scores(gold, gold)["f1"] == pytest.approx(1.0)
+
+
+FIRST = "alice bob carol dave erin frank grace heidi".split()
+LAST = "smith jones brown taylor wilson".split()
+CITY = "paris london berlin madrid rome vienna".split()
+WORDS = "went to visited met in saw yesterday and then the with from".split()
+
+
+def tagging_set(n, seed):
+    """Tags follow from the words: first+last name -> B-PER I-PER, city -> B-LOC, else O."""
+    def one(rng, i):
+        rows = []
+        for _ in range(rng.randint(3, 7)):
+            r = rng.random()
+            if r < 0.25:
+                rows += [[rng.choice(FIRST), "B-PER"], [rng.choice(LAST), "I-PER"]]
+            elif r < 0.45:
+                rows.append([rng.choice(CITY), "B-LOC"])
+            else:
+                rows.append([rng.choice(WORDS), "O"])
+        return ConllSentence(rows, [t for _, t in rows])
+    return random_set(n, seed, one)
+
+
+@pytest.mark.parametrize("use_elmo", [True, False])
+def test_tagger_learns_separable_set(embedder, use_elmo):
+    train, dev, test = tagging_set(60, 0), tagging_set(30, 1), tagging_set(30, 2)
+    res = ner.train_tagger(train, dev, test, embedder if use_elmo else None, epochs=6,
+                             patience=3, batch_size=8, lr=2e-2, hidden=32, word_dim=16,
+                             dropout=0.1, log=lambda *a: None)
+    assert res.test["f1"] > 0.9, res.history
+    assert len(res.epoch_seconds) == res.epochs_run and res.best_epoch >= 1
+
+
+def test_conll_shared_counts():
+    s = ner.read_conll(shared_path("data", "conll2003", "eng.testb"))
+    assert len(s) == 3453 and sum(len(x.rows) for x in s) == 46435
+    n_per = sum(t == "B-PER" for x in s for t in x.tags)
+    assert n_per == 1617  # every entity starts with B- after the conversion (README: 1,617 PER)
+
+
+# ----------------------------------------------------------------------------------- elmo ner
+def test_cli_ner_errors_are_one_line(tmp_path, capsys):
+    good = tmp_path / "train.tsv"
+    good.write_text("good film\tpos\nbad film\tneg\n")
+    conll = tmp_path / "bad.conll"
+    conll.write_text("EU NNP I-NP I-ORG\nrejects VBZ I-VP X-TAG\n\n")
+    rc, err = run_cli(["ner", "--no-elmo", "--train", str(conll), "--dev", str(conll), "--test",
+                       str(conll)], capsys)
+    assert rc == 2 and len(err) == 1 and f"{conll}:2: NER tag" in err[0]
+
+    rc, err = run_cli(["ner", "--model", str(tmp_path / "no-model"), "--train", str(good),
+                       "--dev", str(good), "--test", str(good)], capsys)
+    assert rc == 2 and len(err) == 1 and "error:" in err[0]
+
+
+def test_cli_ner_with_a_model(tmp_path, tiny_model, capsys):
+    model_dir = tmp_path / "model"
+    export_model(tiny_model, model_dir)
+    conll = tmp_path / "mini.conll"
+    conll.write_text(CONLL_IOB1)
+    assert cli.main(["ner", "--model", str(model_dir), "--train", str(conll), "--dev", str(conll),
+                     "--test", str(conll), "--epochs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "s per epoch" in out and "test entity F1" in out

@@ -1,0 +1,348 @@
+"""Text classification (`elmo classify`): readers for tsv / emotion / sst / trec files, sentence
+features, scikit-learn classifiers, scores.
+
+Each sentence becomes one fixed vector, and a scikit-learn classifier is fitted on those vectors:
+
+* `elmo`   : per token the plain average of the 3 ELMo layers (layer 0 = char-CNN token vector
+             duplicated, layers 1 and 2 = biLSTM outputs; no learned scalar mix), then the mean
+             over the sentence's tokens -> 2P dims. This is allennlp's `--average` layer, pooled.
+* `layer0` : the context-free char-CNN vector (the first P dims of layer 0), mean-pooled -> P dims.
+             The baseline that measures what context adds.
+* `tfidf`  : sklearn TfidfVectorizer over the same tokens (lowercased unigrams + bigrams,
+             sublinear tf), the bag-of-words baseline.
+
+Dense ELMo features are standardised (StandardScaler) before the classifier. With --dev, the
+regularisation strength (C for logreg, alpha for mlp) is chosen by dev macro-F1, and the final
+classifier is fitted on train only. ELMo layers come from common.embed_layers (deterministic
+state, so features do not depend on batching).
+
+Tokenisation: every reader strips the line, applies its format's own rule for splitting off the
+label (below), and the text is split on whitespace. The shared data sets are already tokenised
+(SST: PTB-tokenised and lowercased; TREC: tokenised; emotion: lowercased, no punctuation), so
+nothing else is done; a plain `text<TAB>label` file is split on whitespace as it is.
+"""
+from __future__ import annotations
+
+import re
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+
+from ..config import ElmoError
+from ..embed import ElmoEmbedder
+from ..hub import resolve_model
+from .common import bad_line, embed_layers, read_data_lines, subsample
+
+FORMATS = ("auto", "tsv", "emotion", "sst", "trec")
+
+
+# ---------------------------------------------------------------------------- classification data
+@dataclass
+class Example:
+    tokens: list[str]
+    label: str
+
+
+def _make(path, lineno, line, text: str, label: str, what: str) -> Example:
+    tokens = text.split()
+    label = label.strip()
+    if not tokens or not label:
+        raise bad_line(path, lineno, what + " with non-empty text and label", line)
+    return Example(tokens, label)
+
+
+def read_tsv(path) -> list[Example]:
+    """`text<TAB>label` per line (the label is the text after the last tab). A first line whose
+    label field is `label` or `label_name` is a header and skipped; blank lines are skipped."""
+    out = []
+    for i, line in enumerate(read_data_lines(path), 1):
+        if not line.strip():
+            continue
+        if "\t" not in line:
+            raise bad_line(path, i, "expected 'text<TAB>label'", line)
+        text, label = line.rsplit("\t", 1)
+        if not out and label.strip().lower() in ("label", "label_name"):
+            continue  # header
+        out.append(_make(path, i, line, text, label, "expected 'text<TAB>label'"))
+    return out
+
+
+def read_emotion(path) -> list[Example]:
+    """dair-ai emotion: `text;label` (label after the LAST `;`), optional header `text;label_name`."""
+    out = []
+    for i, line in enumerate(read_data_lines(path), 1):
+        if not line.strip():
+            continue
+        if ";" not in line:
+            raise bad_line(path, i, "expected 'text;label'", line)
+        text, label = line.rsplit(";", 1)
+        if not out and text.strip() == "text" and label.strip() in ("label", "label_name"):
+            continue
+        out.append(_make(path, i, line, text, label, "expected 'text;label'"))
+    return out
+
+
+def read_sst(path) -> list[Example]:
+    """SST in the shared copies' three layouts: sst2-sentence (`sentence<TAB>label` with a header),
+    SentEval binary (`sentence <TAB>label`, trailing space) and SentEval fine (`label sentence`,
+    label 0-4 first). A line with a tab is read as text<TAB>label, otherwise as `label text`."""
+    out = []
+    for i, line in enumerate(read_data_lines(path), 1):
+        if not line.strip():
+            continue
+        if "\t" in line:
+            text, label = line.rsplit("\t", 1)
+            if not out and label.strip().lower() == "label":
+                continue
+            out.append(_make(path, i, line, text, label, "expected 'sentence<TAB>label'"))
+        else:
+            parts = line.strip().split(None, 1)
+            if len(parts) != 2 or not parts[0].isdigit():
+                raise bad_line(path, i, "expected 'sentence<TAB>label' or 'label sentence'", line)
+            out.append(_make(path, i, line, parts[1], parts[0], "expected 'label sentence'"))
+    return out
+
+
+_TREC = re.compile(r"^([A-Z]+):(\S+)\s+(.*)$")
+
+
+def read_trec(path, fine: bool = False) -> list[Example]:
+    """TREC (UIUC) `COARSE:fine question ...`; the label is COARSE (or COARSE:fine with fine=True)."""
+    out = []
+    for i, line in enumerate(read_data_lines(path), 1):
+        if not line.strip():
+            continue
+        m = _TREC.match(line.strip())
+        if not m:
+            raise bad_line(path, i, "expected 'COARSE:fine question'", line)
+        label = f"{m.group(1)}:{m.group(2)}" if fine else m.group(1)
+        out.append(_make(path, i, line, m.group(3), label, "expected 'COARSE:fine question'"))
+    return out
+
+
+READERS = {"tsv": read_tsv, "emotion": read_emotion, "sst": read_sst, "trec": read_trec}
+
+
+def detect_format(path) -> str:
+    """Guess the format from the first non-blank line: TREC's `ABC:xyz `, a tab (tsv), a header
+    `text;label_name` or a `;` (emotion), a leading digit (SentEval fine = sst)."""
+    first = next((l for l in read_data_lines(path) if l.strip()), None)
+    if first is None:
+        raise ElmoError(f"{path}: file is empty")
+    if _TREC.match(first.strip()):
+        return "trec"
+    if "\t" in first:
+        return "tsv"
+    if ";" in first:
+        return "emotion"
+    if re.match(r"^\d+\s+\S", first):
+        return "sst"
+    raise ElmoError(f"{path}:1: cannot tell the format (text<TAB>label, text;label, "
+                    f"'COARSE:fine question' or 'label sentence'); pass --format")
+
+
+def read_examples(path, fmt: str = "auto") -> list[Example]:
+    if fmt not in FORMATS:
+        raise ElmoError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if fmt == "auto":
+        fmt = detect_format(path)
+    examples = READERS[fmt](path)
+    if not examples:
+        raise ElmoError(f"{path}: no examples")
+    return examples
+
+
+# ------------------------------------------------------------------------------------- features
+def pool_features(layers: Sequence[np.ndarray], proj_dim: int) -> dict[str, np.ndarray]:
+    """Mean-pooled sentence vectors: `elmo` (average of the 3 layers, 2P) and `layer0` (P)."""
+    elmo = np.stack([l.astype(np.float32).mean(axis=0).mean(axis=0) for l in layers])
+    layer0 = np.stack([l[0, :, :proj_dim].astype(np.float32).mean(axis=0) for l in layers])
+    return {"elmo": elmo, "layer0": layer0}
+
+
+def sentence_features(embedder, sentences, kind: str, batch_size: int = 64,
+                      progress: Optional[str] = None) -> np.ndarray:
+    layers = embed_layers(embedder, sentences, batch_size, progress=progress)
+    return pool_features(layers, embedder.model.proj_dim)[kind]
+
+
+# ----------------------------------------------------------------------------------- classifiers
+C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
+ALPHA_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+
+
+def make_classifier(kind: str, dense: bool, reg: Optional[float] = None, seed: int = 0):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    if kind == "logreg":
+        clf = LogisticRegression(C=1.0 if reg is None else reg, max_iter=5000, random_state=seed)
+    elif kind == "mlp":
+        clf = MLPClassifier(hidden_layer_sizes=(256,), alpha=1e-4 if reg is None else reg,
+                            max_iter=500, early_stopping=True, n_iter_no_change=10,
+                            random_state=seed)
+    else:
+        raise ElmoError(f"--classifier must be logreg or mlp, got {kind!r}")
+    return make_pipeline(StandardScaler(), clf) if dense else clf
+
+
+def _scores(y_true, y_pred, labels) -> dict:
+    from sklearn.metrics import accuracy_score, classification_report, f1_score
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+        "per_class_f1": dict(zip(labels, map(float, f1_score(y_true, y_pred, labels=labels,
+                                                             average=None, zero_division=0)))),
+        "report": classification_report(y_true, y_pred, labels=labels, digits=4, zero_division=0),
+    }
+
+
+def fit_and_score(X_train, y_train, X_test, y_test, X_dev=None, y_dev=None,
+                  classifier: str = "logreg", dense: bool = True, seed: int = 0) -> dict:
+    """Fit on train (regularisation chosen on dev by macro-F1 when dev is given), score on test."""
+    from sklearn.exceptions import ConvergenceWarning
+    labels = sorted(set(y_train) | set(y_test))
+    grid = C_GRID if classifier == "logreg" else ALPHA_GRID
+    chosen, dev_scores = None, {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        if X_dev is not None:
+            for reg in grid:
+                clf = make_classifier(classifier, dense, reg, seed).fit(X_train, y_train)
+                s = _scores(y_dev, clf.predict(X_dev), labels)
+                dev_scores[reg] = (s["macro_f1"], s["accuracy"])
+            chosen = max(grid, key=lambda r: dev_scores[r])
+        clf = make_classifier(classifier, dense, chosen, seed).fit(X_train, y_train)
+    pred = clf.predict(X_test)
+    result = _scores(y_test, pred, labels)
+    result.update(predictions=list(pred), reg=chosen, dev_scores=dev_scores, labels=labels)
+    return result
+
+
+def tfidf_features(train_tokens, other_tokens: list):
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    vec = TfidfVectorizer(analyzer=lambda toks: _ngrams([t.lower() for t in toks]),
+                          sublinear_tf=True)
+    X = vec.fit_transform(train_tokens)
+    return X, [vec.transform(t) if t is not None else None for t in other_tokens]
+
+
+def _ngrams(tokens: list[str]) -> list[str]:
+    return tokens + [a + " " + b for a, b in zip(tokens, tokens[1:])]
+
+
+def run_classification(train: list[Example], test: list[Example], dev: Optional[list] = None,
+                       features: str = "elmo", classifier: str = "logreg", embedder=None,
+                       batch_size: int = 64, seed: int = 0, feature_cache: Optional[dict] = None,
+                       progress: bool = False) -> dict:
+    """Features + classifier + scores. `feature_cache` (a dict) may hold pooled ELMo features
+    keyed by split name so that several feature kinds share one embedding pass."""
+    splits = {"train": train, "test": test}
+    if dev is not None:
+        splits["dev"] = dev
+    t0 = time.time()
+    if features == "tfidf":
+        Xtr, (Xte, Xdv) = tfidf_features([e.tokens for e in train],
+                                         [[e.tokens for e in test],
+                                          [e.tokens for e in dev] if dev is not None else None])
+        X = {"train": Xtr, "test": Xte, "dev": Xdv}
+        dense = False
+    elif features in ("elmo", "layer0"):
+        if embedder is None:
+            raise ElmoError(f"--features {features} needs --model")
+        X = {}
+        for name, exs in splits.items():
+            key = (name, id(exs))
+            if feature_cache is not None and key in feature_cache:
+                pooled = feature_cache[key]
+            else:
+                layers = embed_layers(embedder, [e.tokens for e in exs], batch_size,
+                                      progress=f"embed {name}" if progress else None)
+                pooled = pool_features(layers, embedder.model.proj_dim)
+                if feature_cache is not None:
+                    feature_cache[key] = pooled
+            X[name] = pooled[features]
+        dense = True
+    else:
+        raise ElmoError(f"--features must be elmo, layer0 or tfidf, got {features!r}")
+    t_feat = time.time() - t0
+    t0 = time.time()
+    result = fit_and_score(X["train"], [e.label for e in train], X["test"],
+                           [e.label for e in test],
+                           X.get("dev"), [e.label for e in dev] if dev is not None else None,
+                           classifier=classifier, dense=dense, seed=seed)
+    result.update(features_seconds=t_feat, fit_seconds=time.time() - t0,
+                  dim=X["train"].shape[1], n_train=len(train), n_test=len(test),
+                  n_dev=len(dev) if dev is not None else 0)
+    return result
+
+
+FEATURE_DOC = {
+    "elmo": "mean over tokens of the average of the 3 ELMo layers (no scalar mix)",
+    "layer0": "mean over tokens of the context-free char-CNN vector (first P dims of layer 0)",
+    "tfidf": "TF-IDF of lowercased unigrams + bigrams (sublinear tf)",
+}
+
+
+def read_classification_data(train_file, test_file, dev_file=None, fmt: str = "auto",
+                             max_train: Optional[int] = None, max_test: Optional[int] = None,
+                             seed: int = 0):
+    """(train, test, dev or None) examples; train and test subsampled; train needs 2 labels."""
+    train = read_examples(train_file, fmt)
+    test = read_examples(test_file, fmt)
+    dev = read_examples(dev_file, fmt) if dev_file else None
+    train = subsample(train, max_train, seed)
+    test = subsample(test, max_test, seed)
+    if len({e.label for e in train}) < 2:
+        raise ElmoError(f"{train_file}: need at least 2 labels to classify, found "
+                        f"{sorted({e.label for e in train})}")
+    return train, test, dev
+
+
+def classification_summary(result: dict, features: str, classifier: str) -> str:
+    """The lines `elmo classify` prints: features, the chosen regularisation, sizes and times,
+    accuracy and macro-F1, sklearn's per-class report."""
+    reg_name = "C" if classifier == "logreg" else "alpha"
+    lines = [f"features {features}: {FEATURE_DOC[features]}, {result['dim']} dims"]
+    if result["n_dev"]:
+        tried = "  ".join(f"{r:g}: {f:.4f}" for r, (f, _) in result["dev_scores"].items())
+        lines.append(f"classifier {classifier}, {reg_name}={result['reg']:g} chosen on dev "
+                     f"macro-F1 ({tried})")
+    else:
+        lines.append(f"classifier {classifier}, default {reg_name} (no --dev)")
+    lines += [f"train {result['n_train']}  dev {result['n_dev']}  test {result['n_test']} "
+              f"sentences; features {result['features_seconds']:.1f} s, "
+              f"fit {result['fit_seconds']:.1f} s",
+              f"accuracy {result['accuracy']:.4f}  macro-F1 {result['macro_f1']:.4f}",
+              result["report"].rstrip()]
+    return "\n".join(lines)
+
+
+def write_predictions(path, test: list[Example], predictions: Sequence[str]) -> None:
+    """TSV `text<TAB>gold<TAB>predicted` with a header line."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("text\tgold\tpredicted\n")
+        for e, p in zip(test, predictions):
+            f.write(f"{' '.join(e.tokens)}\t{e.label}\t{p}\n")
+
+
+def cli_classify(args) -> int:
+    """`elmo classify`: see cli._classify_parser."""
+    train, test, dev = read_classification_data(args.train, args.test, args.dev, args.format,
+                                                args.max_train, args.max_test, args.seed)
+    embedder = None
+    if args.features != "tfidf":
+        if args.model is None:
+            raise ElmoError("--model is required (a dir with options.json + weights.hdf5)")
+        embedder = ElmoEmbedder(*resolve_model(args.model), device=args.device or "cpu")
+    result = run_classification(train, test, dev, args.features, args.classifier, embedder,
+                                batch_size=args.batch_size, seed=args.seed, progress=True)
+    print(classification_summary(result, args.features, args.classifier))
+    if args.predictions:
+        write_predictions(args.predictions, test, result["predictions"])
+        print(f"predictions written to {args.predictions}")
+    return 0

@@ -1,0 +1,429 @@
+"""CoNLL-2003 NER (`elmo ner`): the CoNLL reader/writer (IOB1 -> BIO), seqeval scoring, and a
+BiLSTM-CRF tagger over frozen ELMo layers.
+
+    [ word embedding (train vocab) ; casing embedding ; gamma * sum_j softmax(w)_j * ELMo layer j ]
+    -> dropout -> BiLSTM -> linear -> CRF (pytorch-crf)
+
+The biLM is frozen: each sentence's 3 layers are computed ONCE and cached in memory (float16),
+only the scalar mix (w, gamma) and the tagger train. `--no-elmo` is the same tagger without the
+ELMo part. Words: the train vocabulary lowercased with digits as 0, 100 dims, learned from scratch;
+a training singleton becomes <unk> half of the time (so <unk> is learned); casing: 7 classes, 8
+dims. Dropout 0.5 on the input and the BiLSTM output, 100 units per direction, Adam 5e-3, batches
+of 32 sentences, gradient norm clipped at 5. Early stopping on dev entity F1 (patience); the best
+epoch's weights are scored on test with seqeval (entity level, default conlleval-like mode, BIO).
+"""
+from __future__ import annotations
+
+import copy
+import re
+import time
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..config import ElmoError
+from ..embed import ElmoEmbedder, length_sorted_batches
+from ..hub import resolve_model
+from ..modules import ScalarMix
+from .common import bad_line, embed_layers, read_data_lines, subsample
+
+
+# --------------------------------------------------------------------------------------- CoNLL
+@dataclass
+class ConllSentence:
+    rows: list[list[str]]            # the file's columns per token; the NER tag is the last one
+    tags: list[str] = field(default_factory=list)   # NER tags in BIO (converted from the file)
+
+    @property
+    def tokens(self) -> list[str]:
+        return [r[0] for r in self.rows]
+
+    @property
+    def is_docstart(self) -> bool:
+        return len(self.rows) == 1 and self.rows[0][0] == "-DOCSTART-"
+
+
+_TAG = re.compile(r"^(O|[BI]-\S+)$")
+
+
+def iob1_to_bio(tags: Sequence[str]) -> list[str]:
+    """IOB1 (I- inside any entity, B- only between two adjacent entities of one type) -> BIO
+    (every entity starts with B-). An I-X starts an entity unless the previous tag is I-X/B-X."""
+    out, prev = [], "O"
+    for tag in tags:
+        if tag.startswith("I-"):
+            typ = tag[2:]
+            if prev == "O" or prev[2:] != typ:
+                tag = "B-" + typ
+        out.append(tag)
+        prev = tag
+    return out
+
+
+def read_conll(path, scheme: str = "iob1", keep_docstart: bool = False) -> list[ConllSentence]:
+    """CoNLL-2003: one token per line (`word POS chunk NER`, any number >= 2 of space-separated
+    columns, the NER tag last), a blank line after each sentence, `-DOCSTART-` lines between
+    documents. `tags` holds the NER tags converted to BIO (scheme="iob1", the original files) or
+    taken as they are (scheme="bio"). -DOCSTART- "sentences" are dropped unless keep_docstart."""
+    if scheme not in ("iob1", "bio"):
+        raise ElmoError(f"scheme must be iob1 or bio, got {scheme!r}")
+    sentences: list[ConllSentence] = []
+    rows: list[list[str]] = []
+    width = None
+
+    def flush():
+        nonlocal rows
+        if rows:
+            raw = [r[-1] for r in rows]
+            s = ConllSentence(rows, iob1_to_bio(raw) if scheme == "iob1" else list(raw))
+            if keep_docstart or not s.is_docstart:
+                sentences.append(s)
+        rows = []
+
+    for i, line in enumerate(read_data_lines(path), 1):
+        parts = line.split()
+        if not parts:
+            flush()
+            continue
+        if parts[0] == "-DOCSTART-":
+            flush()
+            rows = [parts]
+            flush()
+            continue
+        if len(parts) < 2:
+            raise bad_line(path, i, "expected 'word ... NER-tag' (at least 2 columns)", line)
+        if width is None:
+            width = len(parts)
+        elif len(parts) != width:
+            raise bad_line(path, i, f"expected {width} columns like the first token line", line)
+        if not _TAG.match(parts[-1]):
+            raise bad_line(path, i, "NER tag (last column) must be O, B-TYPE or I-TYPE", line)
+        rows.append(parts)
+    flush()
+    return sentences
+
+
+def write_conll(sentences: Iterable[ConllSentence], path, extra: Optional[list] = None,
+                bio: bool = False) -> None:
+    """Write sentences back in the same layout (columns joined by one space, a blank line after
+    each sentence; read_conll(keep_docstart=True) + write_conll reproduces a file whose sentences
+    are separated by single blank lines). bio=True writes the BIO tags in place of the file's NER
+    column. `extra`: per sentence a list of tags appended as one more column (e.g. predictions,
+    giving conlleval's `word POS chunk gold predicted` layout)."""
+    with open(path, "w", encoding="utf-8") as f:
+        for k, s in enumerate(sentences):
+            for j, row in enumerate(s.rows):
+                cols = list(row)
+                if bio and not s.is_docstart:
+                    cols[-1] = s.tags[j]
+                if extra is not None and not s.is_docstart:
+                    cols.append(extra[k][j])
+                f.write(" ".join(cols) + "\n")
+            f.write("\n")
+
+
+def ner_scores(y_true: list[list[str]], y_pred: list[list[str]]) -> dict:
+    """Entity-level precision / recall / F1 with seqeval (default conlleval-like mode)."""
+    from seqeval.metrics import classification_report, f1_score, precision_score, recall_score
+    with warnings.catch_warnings():  # no predicted entities yet: seqeval warns and gives 0
+        warnings.simplefilter("ignore")
+        return {"f1": float(f1_score(y_true, y_pred)),
+                "precision": float(precision_score(y_true, y_pred)),
+                "recall": float(recall_score(y_true, y_pred)),
+                "report": classification_report(y_true, y_pred, digits=4)}
+
+
+# ---------------------------------------------------------------------------------------- tagger
+def _casing(word: str) -> int:
+    if word.isdigit():
+        return 1
+    if any(c.isdigit() for c in word):
+        return 2
+    if word.isupper():
+        return 3
+    if word[:1].isupper():
+        return 4
+    if word.islower():
+        return 5
+    if not any(c.isalnum() for c in word):
+        return 6
+    return 7
+
+
+N_CASING = 8
+
+
+def _norm_word(word: str) -> str:
+    return re.sub(r"\d", "0", word.lower())
+
+
+class WordVocab:
+    """Word ids from the training sentences: 0 = padding, 1 = unknown."""
+
+    def __init__(self, sentences: Iterable[Sequence[str]], min_count: int = 1):
+        counts = Counter(_norm_word(w) for s in sentences for w in s)
+        self.words = ["<pad>", "<unk>"] + sorted(w for w, c in counts.items() if c >= min_count)
+        self.index = {w: i for i, w in enumerate(self.words)}
+        self.singletons = {self.index[w] for w, c in counts.items() if c == 1 and w in self.index}
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+    def ids(self, sentence: Sequence[str]) -> list[int]:
+        return [self.index.get(_norm_word(w), 1) for w in sentence]
+
+
+
+def _make_batch(idx, words, cases, tags, elmo, unk_singletons=None, rng=None) -> dict:
+    """Padded CPU tensors for sentences `idx`: words, case, tags, mask (B, T), lengths (B,),
+    elmo (B, 3, T, 2P) when cached layers are given; `unk_singletons` turns on word dropout."""
+    lengths = [len(words[i]) for i in idx]
+    B, T = len(idx), max(lengths)
+    w = np.zeros((B, T), np.int64)
+    c = np.zeros((B, T), np.int64)
+    t = np.zeros((B, T), np.int64)
+    m = np.zeros((B, T), bool)
+    for b, i in enumerate(idx):
+        n = lengths[b]
+        wi = np.asarray(words[i])
+        if unk_singletons is not None:  # word dropout: a singleton becomes <unk> half the time
+            drop = np.array([x in unk_singletons for x in words[i]]) & (rng.rand(n) < 0.5)
+            wi = np.where(drop, 1, wi)
+        w[b, :n], c[b, :n], t[b, :n], m[b, :n] = wi, cases[i], tags[i], True
+    batch = {"words": torch.from_numpy(w), "case": torch.from_numpy(c),
+             "tags": torch.from_numpy(t), "mask": torch.from_numpy(m),
+             "lengths": torch.tensor(lengths)}
+    if elmo is not None:
+        L, _, D = elmo[idx[0]].shape
+        e = np.zeros((B, L, T, D), np.float32)
+        for b, i in enumerate(idx):
+            e[b, :, :lengths[b]] = elmo[i]
+        batch["elmo"] = torch.from_numpy(e)
+    return batch
+
+
+@dataclass
+class NerResult:
+    dev_f1: float
+    test: dict
+    best_epoch: int
+    epochs_run: int
+    epoch_seconds: list
+    embed_seconds: float
+    history: list
+    test_predictions: list
+
+
+class Tagger(nn.Module):
+    """[word emb ; casing emb ; ScalarMix of the ELMo layers] -> dropout -> BiLSTM -> dropout ->
+    linear -> CRF. `elmo_dim=0`: no ELMo part."""
+
+    def __init__(self, n_words: int, n_tags: int, elmo_dim: int = 0, n_elmo_layers: int = 3,
+                 word_dim: int = 100, case_dim: int = 8, hidden: int = 100, dropout: float = 0.5):
+        super().__init__()
+        from torchcrf import CRF  # optional dependency: pytorch-crf (the `tasks` extra)
+        self.word = nn.Embedding(n_words, word_dim, padding_idx=0)
+        self.case = nn.Embedding(N_CASING, case_dim, padding_idx=0)
+        self.elmo_dim = elmo_dim
+        self.mix = ScalarMix(n_elmo_layers) if elmo_dim else None
+        self.drop = nn.Dropout(dropout)
+        self.lstm = nn.LSTM(word_dim + case_dim + elmo_dim, hidden, batch_first=True,
+                            bidirectional=True)
+        self.out = nn.Linear(2 * hidden, n_tags)
+        self.crf = CRF(n_tags, batch_first=True)
+
+    def emissions(self, words, case, elmo, lengths) -> torch.Tensor:
+        """(B, T) words, case; (B, 3, T, 2P) elmo or None; (B,) lengths -> (B, T, n_tags)."""
+        x = [self.word(words), self.case(case)]
+        if self.mix is not None:
+            x.append(self.mix([elmo[:, j] for j in range(elmo.shape[1])]))
+        x = self.drop(torch.cat(x, dim=2))         # (B, T, word_dim + case_dim + elmo_dim)
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths.cpu(), batch_first=True,
+                                                   enforce_sorted=False)
+        y, _ = self.lstm(packed)
+        y, _ = nn.utils.rnn.pad_packed_sequence(y, batch_first=True, total_length=x.shape[1])
+        return self.out(self.drop(y))
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        em = self.emissions(batch["words"], batch["case"], batch.get("elmo"), batch["lengths"])
+        return -self.crf(em, batch["tags"], mask=batch["mask"], reduction="mean")
+
+    def decode(self, batch: dict) -> list[list[int]]:
+        em = self.emissions(batch["words"], batch["case"], batch.get("elmo"), batch["lengths"])
+        return self.crf.decode(em, mask=batch["mask"])
+
+    def mix_summary(self) -> str:
+        """`  mix s=[...] gamma=...` for the log, or "" without ELMo."""
+        if self.mix is None:
+            return ""
+        s = self.mix.weights().detach().flatten().tolist()
+        g = float(self.mix.gamma.detach().flatten()[0])
+        return f"  mix s=[{', '.join(f'{x:.2f}' for x in s)}] gamma={g:.2f}"
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def encode(sentences: Sequence[ConllSentence], vocab: WordVocab, tag_index: dict[str, int]):
+    """(word ids, casing classes, tag ids) per sentence; a tag unseen in training counts as O."""
+    return ([vocab.ids(s.tokens) for s in sentences],
+            [[_casing(w) for w in s.tokens] for s in sentences],
+            [[tag_index.get(t, tag_index["O"]) for t in s.tags] for s in sentences])
+
+
+def cache_elmo_layers(embedder: ElmoEmbedder, splits: dict[str, list[ConllSentence]],
+                      batch_size: int, log: Callable) -> tuple[dict, float]:
+    """Each split's (3, n, 2P) float16 layers per sentence, computed once; and the seconds."""
+    t0 = time.time()
+    elmo = {name: embed_layers(embedder, [s.tokens for s in sents], batch_size,
+                               dtype=np.float16, progress=f"ELMo {name}")
+            for name, sents in splits.items()}
+    seconds = time.time() - t0
+    n_sent = sum(len(v) for v in splits.values())
+    n_tok = sum(len(s.rows) for v in splits.values() for s in v)
+    mb = sum(a.nbytes for v in elmo.values() for a in v) / 2**20
+    log(f"ELMo layers for {n_sent} sentences ({n_tok} tokens) "
+        f"computed once in {seconds:.1f} s, cached in memory as float16 ({mb:.0f} MiB)")
+    return elmo, seconds
+
+
+def train_epoch(model: Tagger, opt, data, elmo, singletons, rng, batch_size: int, device) -> float:
+    """One pass over the training sentences in a random order; the mean loss per sentence."""
+    words, cases, tags = data
+    model.train()
+    perm = rng.permutation(len(words))
+    total = 0.0
+    for start in range(0, len(perm), batch_size):
+        idx = list(perm[start:start + batch_size])
+        batch = _make_batch(idx, words, cases, tags, elmo, singletons, rng)
+        loss = model.loss(to_device(batch, device))
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        opt.step()
+        total += float(loss.detach()) * len(idx)
+    return total / len(words)
+
+
+@torch.no_grad()
+def predict_tags(model: Tagger, data, elmo, tagset: list[str], device,
+                 batch_size: int = 128) -> list[list[str]]:
+    """Viterbi tags per sentence, batched in length order, returned in input order."""
+    words, cases, tags = data
+    model.eval()
+    pred: list = [None] * len(words)
+    for idx in length_sorted_batches([len(w) for w in words], batch_size):
+        batch = to_device(_make_batch(idx, words, cases, tags, elmo), device)
+        for i, p in zip(idx, model.decode(batch)):
+            pred[i] = [tagset[k] for k in p]
+    return pred
+
+
+def train_tagger(train: list[ConllSentence], dev: list[ConllSentence], test: list[ConllSentence],
+                 embedder: Optional[ElmoEmbedder] = None, epochs: int = 10, patience: int = 3,
+                 batch_size: int = 32, lr: float = 5e-3, hidden: int = 100, word_dim: int = 100,
+                 dropout: float = 0.5, seed: int = 0, embed_batch_size: int = 64, log=print,
+                 device: str | torch.device = "cpu") -> NerResult:
+    """Train the ELMo (or, with embedder=None, word-only) BiLSTM-CRF; early stopping on dev F1;
+    the best epoch's weights tag test."""
+    torch.manual_seed(seed)
+    rng = np.random.RandomState(seed)
+    tagset = sorted({t for s in train for t in s.tags} | {"O"})
+    tag_index = {t: i for i, t in enumerate(tagset)}
+    vocab = WordVocab(s.tokens for s in train)
+    splits = {"train": train, "dev": dev, "test": test}
+    data = {name: encode(sents, vocab, tag_index) for name, sents in splits.items()}
+    elmo, embed_seconds = {"train": None, "dev": None, "test": None}, 0.0
+    if embedder is not None:
+        elmo, embed_seconds = cache_elmo_layers(embedder, splits, embed_batch_size, log)
+    elmo_dim = 0 if embedder is None else embedder.output_dim
+    model = Tagger(len(vocab), len(tagset), elmo_dim, hidden=hidden, word_dim=word_dim,
+                   dropout=dropout).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+
+    best, best_f1, best_epoch, bad = None, -1.0, 0, 0
+    epoch_seconds, history = [], []
+    epoch = 0
+    for epoch in range(1, epochs + 1):
+        t0 = time.time()
+        loss = train_epoch(model, opt, data["train"], elmo["train"], vocab.singletons, rng,
+                           batch_size, device)
+        train_s = time.time() - t0
+        dev_f1 = ner_scores([s.tags for s in dev],
+                            predict_tags(model, data["dev"], elmo["dev"], tagset, device))["f1"]
+        epoch_seconds.append(time.time() - t0)
+        history.append({"epoch": epoch, "loss": loss, "dev_f1": dev_f1,
+                        "train_seconds": train_s, "seconds": epoch_seconds[-1]})
+        log(f"epoch {epoch}: loss {loss:.3f}  dev F1 {dev_f1:.4f}  "
+            f"{epoch_seconds[-1]:.1f} s (train {train_s:.1f} s){model.mix_summary()}")
+        if dev_f1 > best_f1:
+            best_f1, best_epoch, bad = dev_f1, epoch, 0
+            best = copy.deepcopy(model.state_dict())
+        else:
+            bad += 1
+            if bad >= patience:
+                log(f"early stop: no dev improvement for {patience} epochs")
+                break
+    model.load_state_dict(best)
+    test_pred = predict_tags(model, data["test"], elmo["test"], tagset, device)
+    scores = ner_scores([s.tags for s in test], test_pred)
+    return NerResult(best_f1, scores, best_epoch, epoch, epoch_seconds, embed_seconds, history,
+                     test_pred)
+
+
+# ------------------------------------------------------------------------------------ `elmo ner`
+def read_ner_data(train_file, dev_file, test_file, max_train: Optional[int] = None,
+                  max_eval: Optional[int] = None, seed: int = 0):
+    """(train, dev, test) CoNLL sentences, each file non-empty; train subsampled to max_train,
+    dev and test to max_eval sentences."""
+    splits = []
+    for path in (train_file, dev_file, test_file):
+        sents = read_conll(path)
+        if not sents:
+            raise ElmoError(f"{path}: no sentences")
+        splits.append(sents)
+    train, dev, test = splits
+    return (subsample(train, max_train, seed), subsample(dev, max_eval, seed),
+            subsample(test, max_eval, seed))
+
+
+def ner_summary(res: NerResult, with_elmo: bool) -> str:
+    """The lines `elmo ner` prints after training: dev, timing, test scores, seqeval report."""
+    t = res.test
+    return "\n".join([
+        f"best dev F1 {res.dev_f1:.4f} at epoch {res.best_epoch} of {res.epochs_run}; "
+        f"{float(np.mean(res.epoch_seconds)):.1f} s per epoch (train + dev decode)"
+        + (f"; ELMo caching {res.embed_seconds:.1f} s" if with_elmo else ""),
+        f"test entity F1 {t['f1']:.4f}  precision {t['precision']:.4f}  recall {t['recall']:.4f}"
+        f"  (seqeval, BIO)",
+        t["report"].rstrip()])
+
+
+def cli_ner(args) -> int:
+    """`elmo ner`: see cli._ner_parser. The biLM and the tagger run on the CPU."""
+    train, dev, test = read_ner_data(args.train, args.dev, args.test, args.max_train,
+                                     args.max_eval, args.seed)
+    embedder = None
+    if not args.no_elmo:
+        if args.model is None:
+            raise ElmoError("--model is required (a dir with options.json + weights.hdf5)")
+        embedder = ElmoEmbedder(*resolve_model(args.model), device="cpu")
+    elif args.model:
+        print("--no-elmo: --model is ignored")
+    print(f"train {len(train)}  dev {len(dev)}  test {len(test)} sentences; "
+          f"{'ELMo (frozen, scalar mix) + ' if embedder else ''}words + casing -> BiLSTM "
+          f"({args.hidden}) -> CRF; {torch.get_num_threads()} torch threads")
+    res = train_tagger(train, dev, test, embedder, epochs=args.epochs, patience=args.patience,
+                       batch_size=args.batch_size, lr=args.lr, hidden=args.hidden, seed=args.seed,
+                       device="cpu")
+    print(ner_summary(res, embedder is not None))
+    if args.predictions:
+        write_conll(test, args.predictions, extra=res.test_predictions, bio=True)
+        print(f"predictions written to {args.predictions} (last column; tags in BIO)")
+    return 0
