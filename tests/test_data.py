@@ -427,3 +427,35 @@ def test_cli_vocab_empty_corpus(tmp_path):
                        str(tmp_path / "v.txt")])
     assert rc == 2 and "no tokens" in err.getvalue() and "a.txt" in err.getvalue()
     assert not (tmp_path / "v.txt").exists()
+
+
+def test_cli_vocab_refuses_an_empty_vocabulary_and_overwriting_its_input(tmp_path, capsys):
+    corpus = tmp_path / "a.txt"
+    corpus.write_text("the cat sat\nthe dog\n")
+    rc = cli.main(["vocab", "--train", str(corpus), "--out", str(tmp_path / "v.txt"),
+                   "--min-count", "50"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--min-count 50 keeps no word (the most frequent occurs 2 times)" in err
+    assert not (tmp_path / "v.txt").exists()
+    rc = cli.main(["vocab", "--train", str(corpus), "--out", str(corpus)])
+    assert rc == 2 and "is also an input" in capsys.readouterr().err
+    assert corpus.read_text() == "the cat sat\nthe dog\n"
+    rc = cli.main(["vocab", "--train", str(corpus), "--out", str(tmp_path)])
+    assert rc == 2 and "is a directory" in capsys.readouterr().err
+
+
+def test_a_bom_is_not_part_of_the_first_token(tmp_path):
+    p = tmp_path / "bom.txt"
+    p.write_bytes(b"\xef\xbb\xbfthe .\nthe\n")
+    s = LMBatchStream(str(p), Vocabulary(SPEC_VOCAB), 1, 3, shuffle=False)
+    assert s.next_batch()["fwd_inputs"].tolist() == [[0, 3, 4]]   # 'the', not '\ufeffthe' (<UNK>)
+
+
+def test_a_directory_or_fifo_as_corpus_is_named(tmp_path):
+    import os
+    with pytest.raises(ElmoError, match=r"is a directory; give a glob of its text files"):
+        LMBatchStream(str(tmp_path), Vocabulary(SPEC_VOCAB), 2, 3)
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(ElmoError, match=r"pipe is not a regular file"):
+        LMBatchStream(str(fifo), Vocabulary(SPEC_VOCAB), 2, 3)

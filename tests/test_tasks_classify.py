@@ -126,3 +126,31 @@ def test_cli_classify_with_a_model(tmp_path, tiny_model, capsys):
     assert cli.main(["classify", "--model", str(model_dir), "--train", str(train), "--test",
                      str(train), "--features", "layer0"]) == 0
     assert "accuracy" in capsys.readouterr().out
+
+
+def test_cli_classify_checks_the_predictions_path_before_training(tmp_path, capsys):
+    train = tmp_path / "train.tsv"
+    write_tsv(train, separable_examples(40, 0))
+    pred = tmp_path / "missing_dir" / "p.tsv"
+    rc, err = run_cli(["classify", "--features", "tfidf", "--train", str(train), "--test",
+                       str(train), "--predictions", str(pred)], capsys)
+    assert rc == 2 and len(err) == 1 and "--predictions" in err[0] and "does not exist" in err[0]
+    assert "accuracy" not in capsys.readouterr().out          # refused before any training
+    rc, err = run_cli(["classify", "--features", "tfidf", "--train", str(train), "--test",
+                       str(train), "--predictions", str(train)], capsys)
+    assert rc == 2 and "is also an input" in err[0]
+    assert len(train.read_text().splitlines()) == 40           # the input is intact
+
+
+def test_tsv_with_an_id_column_or_swapped_columns_is_refused(tmp_path, capsys):
+    three = tmp_path / "three.tsv"
+    three.write_text("1\tgood film\tpos\n2\tbad film\tneg\n")
+    with pytest.raises(classify.ElmoError, match=r"three\.tsv:1: .*3 tab-separated columns"):
+        classify.read_examples(three, "tsv")
+    swapped = tmp_path / "swapped.tsv"
+    write_tsv(swapped, separable_examples(40, 0))
+    swapped.write_text("".join(f"{b}\t{a}\n" for a, b in (line.split("\t") for line in
+                               swapped.read_text().splitlines())))
+    rc, err = run_cli(["classify", "--features", "tfidf", "--format", "tsv", "--train",
+                       str(swapped), "--test", str(swapped)], capsys)
+    assert rc == 2 and len(err) == 1 and "columns look swapped" in err[0]

@@ -142,3 +142,19 @@ def test_cli_ner_with_a_model(tmp_path, tiny_model, capsys):
                      "--test", str(conll), "--epochs", "1"]) == 0
     out = capsys.readouterr().out
     assert "s per epoch" in out and "test entity F1" in out
+
+
+def test_cli_ner_refuses_bad_settings_and_o_only_data_before_training(tmp_path, capsys):
+    conll = tmp_path / "mini.conll"
+    conll.write_text(CONLL_IOB1)
+    base = ["ner", "--no-elmo", "--train", str(conll), "--dev", str(conll), "--test", str(conll)]
+    for flag in ("--epochs", "--batch-size"):
+        rc, err = run_cli(base + [flag, "0"], capsys)
+        assert rc == 2 and err == [f"elmo ner: error: {flag} must be at least 1, got 0"]
+    rc, err = run_cli(base + ["--predictions", str(tmp_path / "nodir" / "p.conll")], capsys)
+    assert rc == 2 and len(err) == 1 and "does not exist" in err[0]
+    only_o = tmp_path / "o.conll"
+    only_o.write_text("EU NNP I-NP O\nrejects VBZ I-VP O\n\nPeter NNP I-NP O\n\n")
+    rc, err = run_cli(["ner", "--no-elmo", "--train", str(only_o), "--dev", str(conll),
+                       "--test", str(conll)], capsys)
+    assert rc == 2 and len(err) == 1 and "every tag is O" in err[0]

@@ -76,3 +76,11 @@ def test_vocabulary_file_with_a_bom_keeps_its_specials(tmp_path):
     p.write_bytes(b"\xef\xbb\xbf<S>\n</S>\n<UNK>\nHello\n")
     v = Vocabulary.read(p)
     assert v.tokens == ["<S>", "</S>", "<UNK>", "Hello"] and v.bos == 0
+
+
+@pytest.mark.parametrize("line", ["the 12345", "new york"])
+def test_vocabulary_lines_with_whitespace_inside_are_refused(tmp_path, line):
+    p = tmp_path / "v.txt"
+    p.write_text(f"<S>\n</S>\n<UNK>\n{line}\n")
+    with pytest.raises(ElmoError, match=r"v\.txt:4: .* has whitespace inside; .*one token per line"):
+        Vocabulary.read(p)

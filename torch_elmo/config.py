@@ -21,9 +21,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from .errors import ElmoError
+from .outputs import atomic_text
 
-class ElmoError(ValueError):
-    """A user-facing error: its message is one line that names the file/key/line at fault."""
+
 
 
 # 256 bytes + BOS/EOS/BOW/EOW/pad chars = 261 trained char ids; +1 for the padding token.
@@ -213,11 +214,9 @@ def read_options(path: str | os.PathLike) -> Options:
 
 
 def write_options(options: Options, path: str | os.PathLike, inference: bool = False) -> None:
-    tmp = f"{os.fspath(path)}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_text(path) as f:
         json.dump(options.to_dict(inference=inference), f, indent=2)
         f.write("\n")
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------- presets

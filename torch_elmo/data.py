@@ -39,7 +39,8 @@ import torch
 
 from .chars import BOS_TOKEN, EOS_TOKEN, char_ids
 from .config import ElmoError
-from .textio import READ_BYTES, BadLines, as_files, expand_glob, name_files
+from .outputs import check_output
+from .textio import BOM, READ_BYTES, BadLines, as_files, expand_glob, name_files
 from .vocab import Vocabulary, build_vocabulary, count_words
 
 BLOCK_BYTES = 8 << 20       # shuffle unit: ~2x this in memory per direction while it is read
@@ -53,15 +54,20 @@ def cli_vocab(args) -> int:
     if args.max_size is not None and args.max_size < 3:
         raise ElmoError(f"--max-size must be at least 3 (<S>, </S>, <UNK>), got {args.max_size}")
     files = expand_glob(args.train)
+    if os.path.isdir(args.out):
+        raise ElmoError(f"--out {args.out} is a directory, expected a file path")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    check_output(args.out, "--out", files)
     bad = BadLines()
     counts = count_words(files, bad)
     n_tokens = sum(counts.values())
     if n_tokens == 0:
         raise ElmoError(f"{name_files(files)}: no tokens (empty or blank files)")
     vocab = build_vocabulary(counts, min_count=args.min_count, max_size=args.max_size)
+    if len(vocab) == 3:
+        raise ElmoError(f"--min-count {args.min_count} keeps no word (the most frequent occurs "
+                        f"{max(counts.values())} times): nothing written; lower --min-count")
     covered = sum(counts[t] for t in vocab.tokens)
-    parent = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(parent, exist_ok=True)
     vocab.write(args.out)
     print(f"{n_tokens} tokens ({len(counts)} distinct) in {len(files)} file(s)"
           + (f", {bad.count} non-UTF-8 line(s) skipped" if bad.count else ""))
@@ -423,6 +429,8 @@ class LMBatchStream:
         with open(self.shards[fi], "rb") as f:
             if a == 0:
                 buf = f.read(b)
+                if buf.startswith(BOM):       # a byte-order mark is not part of the first token
+                    buf = buf[len(BOM):]
             else:
                 f.seek(a - 1)
                 buf = f.read(b - a + 1)

@@ -30,10 +30,17 @@ BOM = b"\xef\xbb\xbf"         # UTF-8 byte-order mark: dropped at the start of a
 # ----------------------------------------------------------------------------------- files
 def expand_glob(pattern: str) -> list[str]:
     """Sorted regular files matching `pattern` (`~` and `**` understood); a plain path matches
-    itself. ElmoError naming the pattern when nothing matches."""
+    itself. ElmoError naming the pattern when nothing matches, and naming the path when the
+    pattern is a directory or a special file (FIFO, device) rather than text files."""
     pat = os.path.expanduser(os.fspath(pattern))
     files = sorted(p for p in glob.glob(pat, recursive=True) if os.path.isfile(p))
     if not files:
+        if os.path.isdir(pat):
+            raise ElmoError(f"{pattern} is a directory; give a glob of its text files, e.g. "
+                            f"'{os.path.join(pattern, '*.txt')}' (quoted)")
+        if os.path.exists(pat):
+            raise ElmoError(f"{pattern} is not a regular file (a FIFO or device?); give a text "
+                            f"file or a glob of them")
         raise ElmoError(f"glob '{pattern}' matches no files")
     return files
 

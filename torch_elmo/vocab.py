@@ -17,7 +17,8 @@ from typing import Optional, Sequence
 
 from .chars import BOS_TOKEN as BOS
 from .chars import EOS_TOKEN as EOS
-from .config import ElmoError
+from .errors import ElmoError
+from .outputs import atomic_text
 from .textio import BadLines, as_files, iter_text
 
 UNK = "<UNK>"
@@ -80,6 +81,11 @@ class Vocabulary:
                         raise ElmoError(f"{path}:{lineno}: not valid UTF-8") from None
                     if not line or line == _MAXTERMID:
                         continue
+                    if any(c.isspace() for c in line):
+                        raise ElmoError(
+                            f"{path}:{lineno}: {line[:40]!r} has whitespace inside; a vocabulary "
+                            f"file has one token per line (a 'word count' file? keep only the "
+                            f"first column: cut -d' ' -f1)")
                     tokens.append(line)
         except FileNotFoundError:
             raise ElmoError(f"{path}: vocabulary file not found") from None
@@ -88,11 +94,9 @@ class Vocabulary:
         return cls(tokens, source=path, require_specials=require_specials)
 
     def write(self, path: str | os.PathLike) -> None:
-        tmp = f"{os.fspath(path)}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_text(path) as f:
             for tok in self.tokens:
                 f.write(tok + "\n")
-        os.replace(tmp, path)
 
     def check_frequency_sorted(self, counts: dict[str, int]) -> bool:
         """Warn (not fail) if non-special tokens are not in descending count order."""

@@ -34,6 +34,7 @@ import numpy as np
 from ..config import ElmoError
 from ..embed import ElmoEmbedder
 from ..hub import resolve_model
+from ..outputs import atomic_text, check_output
 from .common import bad_line, embed_layers, read_data_lines, subsample
 
 FORMATS = ("auto", "tsv", "emotion", "sst", "trec")
@@ -63,6 +64,10 @@ def read_tsv(path) -> list[Example]:
             continue
         if "\t" not in line:
             raise bad_line(path, i, "expected 'text<TAB>label'", line)
+        if line.strip("\r\n").count("\t") > 1:
+            raise bad_line(path, i, f"expected 'text<TAB>label', found "
+                           f"{line.count(chr(9)) + 1} tab-separated columns (an id column? keep "
+                           f"only text and label, e.g. cut -f2-)", line)
         text, label = line.rsplit("\t", 1)
         if not out and label.strip().lower() in ("label", "label_name"):
             continue  # header
@@ -297,9 +302,16 @@ def read_classification_data(train_file, test_file, dev_file=None, fmt: str = "a
     dev = read_examples(dev_file, fmt) if dev_file else None
     train = subsample(train, max_train, seed)
     test = subsample(test, max_test, seed)
-    if len({e.label for e in train}) < 2:
+    labels = {e.label for e in train}
+    if len(labels) < 2:
         raise ElmoError(f"{train_file}: need at least 2 labels to classify, found "
-                        f"{sorted({e.label for e in train})}")
+                        f"{sorted(labels)}")
+    if len(train) >= 20 and len(labels) > len(train) / 2:
+        multiword = sum(" " in label for label in labels)
+        raise ElmoError(f"{train_file}: {len(labels)} different labels in {len(train)} examples"
+                        + (f" ({multiword} of them several words long)" if multiword else "")
+                        + "; the columns look swapped (expected text first, label last, e.g. "
+                          "'text<TAB>label')")
     return train, test, dev
 
 
@@ -324,7 +336,7 @@ def classification_summary(result: dict, features: str, classifier: str) -> str:
 
 def write_predictions(path, test: list[Example], predictions: Sequence[str]) -> None:
     """TSV `text<TAB>gold<TAB>predicted` with a header line."""
-    with open(path, "w", encoding="utf-8") as f:
+    with atomic_text(path) as f:
         f.write("text\tgold\tpredicted\n")
         for e, p in zip(test, predictions):
             f.write(f"{' '.join(e.tokens)}\t{e.label}\t{p}\n")
@@ -332,6 +344,8 @@ def write_predictions(path, test: list[Example], predictions: Sequence[str]) -> 
 
 def cli_classify(args) -> int:
     """`elmo classify`: see cli._classify_parser."""
+    if args.predictions:
+        check_output(args.predictions, "--predictions", [args.train, args.test, args.dev])
     train, test, dev = read_classification_data(args.train, args.test, args.dev, args.format,
                                                 args.max_train, args.max_test, args.seed)
     embedder = None

@@ -29,6 +29,7 @@ import torch.nn as nn
 from ..config import ElmoError
 from ..embed import ElmoEmbedder, length_sorted_batches
 from ..hub import resolve_model
+from ..outputs import atomic_text, check_output
 from ..modules import ScalarMix
 from .common import bad_line, embed_layers, read_data_lines, subsample
 
@@ -115,7 +116,7 @@ def write_conll(sentences: Iterable[ConllSentence], path, extra: Optional[list] 
     are separated by single blank lines). bio=True writes the BIO tags in place of the file's NER
     column. `extra`: per sentence a list of tags appended as one more column (e.g. predictions,
     giving conlleval's `word POS chunk gold predicted` layout)."""
-    with open(path, "w", encoding="utf-8") as f:
+    with atomic_text(path) as f:
         for k, s in enumerate(sentences):
             for j, row in enumerate(s.rows):
                 cols = list(row)
@@ -389,6 +390,9 @@ def read_ner_data(train_file, dev_file, test_file, max_train: Optional[int] = No
             raise ElmoError(f"{path}: no sentences")
         splits.append(sents)
     train, dev, test = splits
+    if not any(t != "O" for s in train for t in s.tags):
+        raise ElmoError(f"{train_file}: every tag is O (no entities to learn); is the last "
+                        f"column the NER tag?")
     return (subsample(train, max_train, seed), subsample(dev, max_eval, seed),
             subsample(test, max_eval, seed))
 
@@ -407,6 +411,12 @@ def ner_summary(res: NerResult, with_elmo: bool) -> str:
 
 def cli_ner(args) -> int:
     """`elmo ner`: see cli._ner_parser. The biLM and the tagger run on the CPU."""
+    if args.predictions:
+        check_output(args.predictions, "--predictions", [args.train, args.dev, args.test])
+    for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size),
+                        ("--hidden", args.hidden)):
+        if value < 1:
+            raise ElmoError(f"{flag} must be at least 1, got {value}")
     train, dev, test = read_ner_data(args.train, args.dev, args.test, args.max_train,
                                      args.max_eval, args.seed)
     embedder = None
