@@ -1,5 +1,6 @@
 """Shared test helpers: locating ../shared, tiny models."""
 import os
+import subprocess
 
 # Spinning OpenMP threads made 2-thread torch up to 10x slower when the 2 cores were shared; must be
 # set before torch is imported.
@@ -36,3 +37,16 @@ def tiny_model():
     from torch_elmo import BiLM, preset
     torch.manual_seed(1234)
     return BiLM(preset("tiny")).eval()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KB tmpfs (needs root and mount; skipped where the machine does not allow it)."""
+    d = tmp_path / "disk"
+    d.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(d)],
+                       capture_output=True)
+    if r.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    yield d
+    subprocess.run(["umount", str(d)], capture_output=True)

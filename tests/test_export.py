@@ -83,3 +83,32 @@ def test_export_writes_inference_options(tiny_model, tmp_path):
     opts, _ = export_model(tiny_model, tmp_path / "m")
     d = json.loads(open(opts).read())
     assert set(d) == {"lstm", "char_cnn"} and d["char_cnn"]["n_characters"] == 262
+
+
+def test_weights_of_another_model_or_nan_are_named(tmp_path):
+    import h5py
+    import pytest
+    from torch_elmo import BiLM, ElmoError, export_model, load_bilm, preset
+    two = preset("tiny")
+    two.char_cnn.n_highway = 2
+    opts, weights = export_model(BiLM(two), tmp_path / "two")
+    export_model(BiLM(preset("tiny")), tmp_path / "one")          # n_highway 1
+    with pytest.raises(ElmoError, match=r"CNN_high_1/.* not used by the options \(n_highway 1"):
+        load_bilm(tmp_path / "one" / "options.json", weights)
+    with h5py.File(weights, "a") as f:
+        f["CNN_proj/b_proj"][0] = float("nan")
+    with pytest.raises(ElmoError, match=r"'CNN_proj/b_proj' holds 1 NaN/inf value"):
+        load_bilm(opts, weights)
+
+
+def test_export_onto_a_full_disk_is_one_line_and_leaves_nothing(small_disk, tiny_model):
+    import os
+    import pytest
+    from torch_elmo import ElmoError, export_model
+    from torch_elmo.config import preset
+    from torch_elmo.model import BiLM
+    opts = preset("tiny")
+    opts.lstm.dim, opts.lstm.projection_dim = 256, 64           # ~1 MB of weights > 256 KB disk
+    with pytest.raises(ElmoError, match=r"weights\.hdf5: not enough disk space for the weights"):
+        export_model(BiLM(opts), small_disk / "model")
+    assert os.listdir(small_disk / "model") == []

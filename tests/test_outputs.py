@@ -72,19 +72,6 @@ def test_check_free_space(tmp_path):
         check_free_space(tmp_path / "x", 1 << 60, "weights")
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 256 KB tmpfs (needs root and mount; skipped where the machine does not allow it)."""
-    d = tmp_path / "disk"
-    d.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(d)],
-                       capture_output=True)
-    if r.returncode != 0:
-        pytest.skip("cannot mount a small tmpfs here (needs root)")
-    yield d
-    subprocess.run(["umount", str(d)], capture_output=True)
-
-
 def test_full_disk_is_one_line_and_leaves_the_previous_file(small_disk):
     p = small_disk / "vocab.txt"
     Vocabulary(["<S>", "</S>", "<UNK>", "a"]).write(p)

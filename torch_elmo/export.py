@@ -1,4 +1,4 @@
-"""Export: the bilm-tf weight file (spec section 10) and options.json, in both directions.
+"""Export: the bilm-tf weight file and options.json, in both directions (docs/formats.md).
 
 This is the only module that knows the HDF5 dataset names, the TF kernel layouts (x @ W, conv
 kernels (1, w, D, n)) and the TF LSTM gate order i, j, f, o. Everything else in torch_elmo sees
@@ -11,6 +11,8 @@ PyTorch layout (model.py). The forget bias is not stored (TF adds it at run time
 from __future__ import annotations
 
 import os
+import re
+import warnings
 from typing import Iterator
 
 import h5py
@@ -19,6 +21,11 @@ import torch
 
 from .config import ElmoError, read_options, write_options
 from .model import BiLM
+from .outputs import atomic_path, check_free_space
+
+# Datasets of the model's own structure: one in the file that the options do not use means the
+# options describe another model (fewer highway layers, filters or LSTM layers).
+_STRUCTURAL = re.compile(r"^(char_embed|CNN/[Wb]_cnn_\d+|CNN_high_\d+/.*|CNN_proj/.*|RNN_\d+/.*)$")
 
 # TF LSTMCell column blocks are (i, j, f, o); ours are (i, f, j, o). The permutation is its own
 # inverse, so the same index converts both ways.
@@ -81,8 +88,10 @@ def load_weights(model: BiLM, weight_file: str | os.PathLike) -> BiLM:
         raise ElmoError(f"{path}: weight file not found") from None
     except OSError as e:
         raise ElmoError(f"{path}: cannot read as HDF5 (truncated or not an HDF5 file): {e}") from None
+    used = set()
     with f, torch.no_grad():
         for name, expected, param, to_torch in _tf_arrays(model):
+            used.add(name)
             if name not in f:
                 raise ElmoError(f"{path}: missing dataset '{name}' (the options expect it)")
             ds = f[name]
@@ -95,7 +104,24 @@ def load_weights(model: BiLM, weight_file: str | os.PathLike) -> BiLM:
                 value = np.asarray(ds[...], dtype=np.float32)
             except (OSError, RuntimeError, KeyError) as e:
                 raise ElmoError(f"{path}: cannot read dataset '{name}' (truncated file?): {e}") from None
+            if not np.isfinite(value).all():
+                bad = int((~np.isfinite(value)).sum())
+                raise ElmoError(f"{path}: dataset '{name}' holds {bad} NaN/inf value(s); the "
+                                f"weights are broken (a diverged run?)")
             param.copy_(torch.from_numpy(np.ascontiguousarray(to_torch(value))))
+        present = []
+        f.visititems(lambda n, obj: present.append(n) if isinstance(obj, h5py.Dataset) else None)
+    unused = sorted(set(present) - used)
+    structural = [n for n in unused if _STRUCTURAL.match(n)]
+    if structural:
+        more = f" (and {len(structural) - 3} more)" if len(structural) > 3 else ""
+        raise ElmoError(f"{path}: dataset(s) {', '.join(structural[:3])}{more} are not used by "
+                        f"the options (n_highway {model.options.char_cnn.n_highway}, "
+                        f"{len(model.options.char_cnn.filters)} filter banks, "
+                        f"{model.n_layers} LSTM layers): these options belong to another model")
+    if unused:
+        warnings.warn(f"{path}: ignoring dataset(s) {', '.join(unused[:5])} (not model weights)",
+                      stacklevel=2)
     return model
 
 
@@ -103,14 +129,15 @@ def save_weights(model: BiLM, weight_file: str | os.PathLike) -> None:
     """Write the dump_weights layout: float32 datasets, no softmax, no optimizer slots.
     Written to a temp file and renamed, so an interrupted save never leaves a half file."""
     path = os.fspath(weight_file)
-    tmp = path + ".tmp"
-    written = set()
-    with h5py.File(tmp, "w") as f:
-        for name, value, _, _ in _tf_arrays(model):
-            if name not in written:  # W_0 is yielded once per torch parameter it feeds
-                f.create_dataset(name, data=value.astype(np.float32))
-                written.add(name)
-    os.replace(tmp, path)
+    arrays = {}
+    for name, value, _, _ in _tf_arrays(model):
+        arrays.setdefault(name, value.astype(np.float32))  # W_0 comes once per parameter it feeds
+    # HDF5 on a full disk can crash the process instead of raising: refuse before writing
+    check_free_space(path, sum(a.nbytes for a in arrays.values()) + (1 << 20), "weights")
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            for name, value in arrays.items():
+                f.create_dataset(name, data=value)
 
 
 def load_bilm(options_file: str | os.PathLike, weight_file: str | os.PathLike) -> BiLM:
