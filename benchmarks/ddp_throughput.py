@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from torch_elmo.train import load_checkpoint  # noqa: E402
+from torch_elmo.checkpoint import load_checkpoint  # noqa: E402
 from train_wikitext2 import CONFIGS, build_vocab  # noqa: E402
 
 

@@ -33,8 +33,8 @@ import torch  # noqa: E402
 
 from speed import Corpus, forward_flops  # noqa: E402
 from torch_elmo import BiLM, batch_to_ids, preset  # noqa: E402
-from torch_elmo.train import (LanguageModel, LogUniformSampler, clip_by_global_norm,  # noqa: E402
-                              make_optimizer)
+from torch_elmo.lm import LanguageModel, LogUniformSampler  # noqa: E402
+from torch_elmo.train import clip_by_global_norm, make_optimizer  # noqa: E402
 
 ONE_B_WORDS_10_EPOCHS = 7.7e9
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}

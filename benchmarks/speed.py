@@ -283,10 +283,14 @@ def bench_step_variants() -> list[dict]:
 # ============================================================================ training
 def _train_api():
     try:
-        from torch_elmo import train as T
-        T.LanguageModel, T.LogUniformSampler, T.sampled_softmax_loss, T.make_optimizer  # noqa
-        T.clip_by_global_norm  # noqa
-        return T
+        import types
+
+        from torch_elmo import lm, train
+        return types.SimpleNamespace(LanguageModel=lm.LanguageModel,
+                                     LogUniformSampler=lm.LogUniformSampler,
+                                     sampled_softmax_loss=lm.sampled_softmax_loss,
+                                     make_optimizer=train.make_optimizer,
+                                     clip_by_global_norm=train.clip_by_global_norm)
     except (ImportError, AttributeError):
         return None
 

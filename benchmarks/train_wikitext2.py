@@ -37,7 +37,8 @@ import torch  # noqa: E402
 from torch_elmo import data, textio  # noqa: E402
 from torch_elmo.config import Options, preset  # noqa: E402
 from torch_elmo.evaluate import perplexity  # noqa: E402
-from torch_elmo.train import export_run, load_checkpoint, load_language_model, train  # noqa: E402
+from torch_elmo.checkpoint import export_run, load_checkpoint, load_language_model  # noqa: E402
+from torch_elmo.train import train  # noqa: E402
 from torch_elmo.vocab import Vocabulary, build_vocabulary  # noqa: E402
 
 CONFIGS = {

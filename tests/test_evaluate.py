@@ -10,7 +10,8 @@ from torch_elmo import batch_to_ids, data
 from torch_elmo.cli import main
 from torch_elmo.config import Options
 from torch_elmo.evaluate import perplexity
-from torch_elmo.train import LanguageModel, train
+from torch_elmo.lm import LanguageModel
+from torch_elmo.train import train
 from torch_elmo.vocab import Vocabulary
 
 
@@ -112,7 +113,7 @@ def test_elmo_test_prints_three_perplexities(run_dir, vocab, capsys):
     assert [l.split(":")[0] for l in out] == ["forward perplexity", "backward perplexity",
                                               "average perplexity"]
     values = [float(l.split(":")[1]) for l in out]
-    from torch_elmo.train import load_language_model
+    from torch_elmo.checkpoint import load_language_model
     lm, _ = load_language_model(save_dir)
     ppl = perplexity(lm, data.LMBatchStream([f], vocab, 4, 1, max_chars=12, shuffle=False,
                                             loop=False))

@@ -77,7 +77,7 @@ def test_plane_demo_layer0_identical_contextual_differ(tiny_bilm):
 def test_next_word_demo_reads_the_lm_as_training_does(tiny_bilm):
     from torch_elmo.chars import batch_to_ids
     from torch_elmo.embed import warm_state
-    from torch_elmo.train import LanguageModel
+    from torch_elmo.lm import LanguageModel
     words = "I am going to write with a pen pencil knife the . paper".split()
     vocab = build_vocabulary(collections.Counter(words))
     lm = LanguageModel(tiny_bilm.options, len(vocab))

@@ -150,7 +150,7 @@ def test_cli_ner_refuses_bad_settings_and_o_only_data_before_training(tmp_path, 
     base = ["ner", "--no-elmo", "--train", str(conll), "--dev", str(conll), "--test", str(conll)]
     for flag in ("--epochs", "--batch-size"):
         rc, err = run_cli(base + [flag, "0"], capsys)
-        assert rc == 2 and err == [f"elmo ner: error: {flag} must be at least 1, got 0"]
+        assert rc == 2 and err == [f"elmo ner: error: {flag} must be >= 1, got 0"]
     rc, err = run_cli(base + ["--predictions", str(tmp_path / "nodir" / "p.conll")], capsys)
     assert rc == 2 and len(err) == 1 and "does not exist" in err[0]
     only_o = tmp_path / "o.conll"

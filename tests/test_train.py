@@ -17,9 +17,9 @@ from conftest import REPO, shared_path
 from torch_elmo import ElmoEmbedder, batch_to_ids
 from torch_elmo.cli import main
 from torch_elmo.config import Options
-from torch_elmo.train import (LanguageModel, LogUniformSampler, clip_by_global_norm, export_run,
-                              full_softmax_ce, load_checkpoint, load_language_model,
-                              make_optimizer, sampled_softmax_loss, train)
+from torch_elmo.checkpoint import export_run, load_checkpoint, load_language_model
+from torch_elmo.lm import LanguageModel, LogUniformSampler, full_softmax_ce, sampled_softmax_loss
+from torch_elmo.train import clip_by_global_norm, make_optimizer, train
 from torch_elmo.vocab import Vocabulary
 
 

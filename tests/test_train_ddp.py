@@ -18,7 +18,10 @@ import torch
 
 from conftest import REPO, shared_path
 from torch_elmo.config import Options
-from torch_elmo.train import (_argv_from_args, all_reduce_gradients, load_checkpoint, train)
+from torch_elmo.checkpoint import load_checkpoint
+from torch_elmo.cli import argv_from_args
+from torch_elmo.distributed import all_reduce_gradients
+from torch_elmo.train import train
 from torch_elmo.vocab import Vocabulary
 
 B, T = 2, 5                 # per-rank batch; 134 tokens // (2 x 5 x 2 ranks) = 6 updates/epoch
@@ -246,7 +249,7 @@ def test_nproc_shortcut_passes_the_other_flags(setup):
     argv = ["--train", "a b.txt", "--vocab", "v", "--save-dir", "s", "--nproc", "2", "--resume",
             "--epochs", "1.5", "--dist-timeout", "9"]
     args = p.parse_args(argv)
-    out = _argv_from_args(args)
+    out = argv_from_args(args, _train_parser)
     assert "--nproc" not in out
     assert p.parse_args(out + ["--nproc", "2"]) == args
 

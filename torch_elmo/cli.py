@@ -1,34 +1,37 @@
 """Command line: `elmo <command>` (also `python -m torch_elmo <command>`).
 
-This module owns the argument parsers and the error policy: a user error (ElmoError, a missing
-file, bad input) prints ONE line `elmo <command>: error: ...` and exits 2, never a trace. Each
-command's work lives in its stage module; the parser functions here are the only place flags are
-defined, so `elmo <command> --help` is the reference.
+This module owns every parser and every command handler, the one device resolver and the one
+warning format, and the error policy: a user error (ElmoError, a missing file, bad input) prints
+ONE line `elmo <command>: error: ...` and exits 2, never a trace; a warning is one line
+`elmo <command>: warning: ...`. Handlers validate flags, then call the stage modules (imported
+when the command runs, so `elmo --help` stays light); the parser functions are the only place
+flags are defined, so `elmo <command> --help` is the reference.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from typing import Callable, Optional
+import warnings
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional
 
-from .config import ElmoError
+from .config import PRESETS, ElmoError, Options, preset, read_options
 
 
-def _vocab_parser(p: argparse.ArgumentParser) -> Callable:
+def _vocab_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train", required=True, help="glob of training files (quote it)")
     p.add_argument("--out", required=True, help="vocabulary file to write")
     p.add_argument("--min-count", type=int, default=1)
     p.add_argument("--max-size", type=int, default=None, help="including the 3 specials")
-    from . import data
-    return data.cli_vocab
 
 
-def _train_parser(p: argparse.ArgumentParser) -> Callable:
+def _train_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train", required=True, help="glob of training files, one sentence per line")
     p.add_argument("--vocab", required=True)
     p.add_argument("--save-dir", required=True)
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--preset", choices=["tiny", "small", "medium", "original"], default=None)
+    g.add_argument("--preset", choices=list(PRESETS), default=None)
     g.add_argument("--options", default=None, help="options.json (bilm-tf form)")
     p.add_argument("--heldout", default=None, help="glob of held-out files for perplexity")
     p.add_argument("--epochs", type=float, default=None,
@@ -68,30 +71,24 @@ def _train_parser(p: argparse.ArgumentParser) -> Callable:
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (CPU or GPU)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true")
-    from . import train
-    return train.cli_train
 
 
-def _test_parser(p: argparse.ArgumentParser) -> Callable:
+def _test_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test", required=True, help="glob of held-out files")
     p.add_argument("--vocab", required=True)
     p.add_argument("--save-dir", required=True)
     p.add_argument("--batch-size", type=int, default=256, help="rows per batch (unroll is 1)")
     p.add_argument("--max-batches", type=int, default=None, help="stop after this many batches")
     p.add_argument("--device", default=None, help="cpu, cuda (default: cuda if available)")
-    from . import evaluate
-    return evaluate.cli_test
 
 
-def _export_parser(p: argparse.ArgumentParser) -> Callable:
+def _export_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-dir", required=True, help="training run directory")
     p.add_argument("--out", required=True, help="directory for options.json + weights.hdf5")
-    from . import train
-    return train.cli_export
 
 
-def _embed_parser(p: argparse.ArgumentParser) -> Callable:
-    from . import embed
+def _embed_parser(p: argparse.ArgumentParser) -> None:
+    from . import embed   # its state names (torch-heavy: only when `elmo embed` runs)
     p.add_argument("--model", required=True,
                    help="dir with options.json + weights.hdf5, or a pretrained name "
                         "(small, medium, original, original-5.5B; downloaded once, cached in "
@@ -114,10 +111,9 @@ def _embed_parser(p: argparse.ArgumentParser) -> Callable:
                         "(0 = no limit; default %(default)s)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true")
-    return embed.cli_embed
 
 
-def _classify_parser(p: argparse.ArgumentParser) -> Callable:
+def _classify_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="model dir (options.json + weights.hdf5); not needed for --features tfidf")
     p.add_argument("--train", required=True, help="training file")
@@ -137,11 +133,9 @@ def _classify_parser(p: argparse.ArgumentParser) -> Callable:
     p.add_argument("--batch-size", type=int, default=64, help="sentences per biLM batch")
     p.add_argument("--device", default=None, help="cpu (default), cuda")
     p.add_argument("--seed", type=int, default=0)
-    from . import tasks
-    return tasks.cli_classify
 
 
-def _ner_parser(p: argparse.ArgumentParser) -> Callable:
+def _ner_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model dir (options.json + weights.hdf5)")
     p.add_argument("--train", required=True, help="CoNLL-2003 file (eng.train)")
     p.add_argument("--dev", required=True, help="CoNLL-2003 file for early stopping (eng.testa)")
@@ -156,31 +150,341 @@ def _ner_parser(p: argparse.ArgumentParser) -> Callable:
     p.add_argument("--max-eval", type=int, default=None,
                    help="random subsample of dev and test sentences (quick runs only)")
     p.add_argument("--predictions", default=None, help="write test with gold + predicted columns")
+    p.add_argument("--device", default=None, help="cpu (default), cuda")
     p.add_argument("--seed", type=int, default=0)
-    from . import tasks
-    return tasks.cli_ner
 
 
-def _quickstart_parser(p: argparse.ArgumentParser) -> Callable:
+def _quickstart_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--work-dir", default="runs/quickstart",
                    help="where the corpus files, the run and the exported model go")
     p.add_argument("--minutes", type=float, default=5.0, help="training budget (default 5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+# ============================================================================ shared by handlers
+def resolve_device(name: Optional[str], flag: str = "--device", default: Optional[str] = None):
+    """THE device policy: `name` (cpu, cuda, cuda:1, or a torch.device), else `default`, else cuda
+    when available. A CUDA request on a machine without CUDA is one line."""
+    import torch
+    name = name if name is not None else default
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ElmoError(f"{flag} {name}: not a device (cpu, cuda, cuda:1)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ElmoError(f"{flag} {name}: CUDA is not available on this machine (use cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ElmoError(f"{flag} {name}: this machine has {torch.cuda.device_count()} GPU(s)")
+    return dev
+
+
+def one_line_warnings(command: str):
+    """Show warnings as `elmo <command>: warning: ...` single lines on stderr."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"elmo {command}: warning: {message}", file=sys.stderr, flush=True)
+    return show
+
+
+@contextmanager
+def warnings_as_lines(command: str) -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = one_line_warnings(command)
+        yield
+
+
+def at_least(flag: str, value, minimum) -> None:
+    if value is not None and value < minimum:
+        raise ElmoError(f"{flag} must be >= {minimum}, got {value}")
+
+
+# ============================================================================ handlers
+def cmd_vocab(args) -> int:
+    from .outputs import check_output
+    from .textio import BadLines, expand_glob, name_files
+    from .vocab import build_vocabulary, count_words
+    at_least("--min-count", args.min_count, 1)
+    at_least("--max-size", args.max_size, 3)
+    files = expand_glob(args.train)
+    if os.path.isdir(args.out):
+        raise ElmoError(f"--out {args.out} is a directory, expected a file path")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    check_output(args.out, "--out", files)
+    bad = BadLines()
+    with warnings_as_lines("vocab"):
+        counts = count_words(files, bad)
+    n_tokens = sum(counts.values())
+    if n_tokens == 0:
+        raise ElmoError(f"{name_files(files)}: no tokens (empty or blank files)")
+    vocab = build_vocabulary(counts, min_count=args.min_count, max_size=args.max_size)
+    if len(vocab) == 3:
+        raise ElmoError(f"--min-count {args.min_count} keeps no word (the most frequent occurs "
+                        f"{max(counts.values())} times): nothing written; lower --min-count")
+    covered = sum(counts[t] for t in vocab.tokens)
+    vocab.write(args.out)
+    print(f"{n_tokens} tokens ({len(counts)} distinct) in {len(files)} file(s)"
+          + (f", {bad.count} non-UTF-8 line(s) skipped" if bad.count else ""))
+    print(f"wrote {args.out}: vocabulary size {len(vocab)} (3 specials + {len(vocab) - 3} words), "
+          f"covering {100.0 * covered / n_tokens:.2f}% of the tokens")
+    print(f"n_train_tokens = {n_tokens}")
+    return 0
+
+
+def options_from_args(args, base: Optional[Options] = None) -> Options:
+    """--options FILE | --preset NAME | `base` (resume / init-from) | the small preset, then the
+    per-flag overrides. A preset brings bilm-tf's training defaults (Options' defaults)."""
+    if args.options:
+        options = read_options(args.options)
+    elif args.preset:
+        options = preset(args.preset)
+    elif base is not None:
+        options = base
+    else:
+        options = preset("small")
+    overrides = {"batch_size": args.batch_size, "unroll_steps": args.unroll_steps,
+                 "n_negative_samples_batch": args.n_negative_samples,
+                 "learning_rate": args.learning_rate, "all_clip_norm_val": args.clip_norm,
+                 "dropout": args.dropout,
+                 "state_reset_prob": getattr(args, "state_reset_prob", None)}
+    options = options.replace(**{k: v for k, v in overrides.items() if v is not None})
+    for k in ("batch_size", "unroll_steps", "n_negative_samples_batch"):
+        if getattr(options, k) < 1:
+            raise ElmoError(f"{k} must be >= 1, got {getattr(options, k)}")
+    if not 0.0 <= options.dropout < 1.0:
+        raise ElmoError(f"dropout must be in [0, 1), got {options.dropout}")
+    if not 0.0 <= options.state_reset_prob < 1.0:
+        raise ElmoError(f"state_reset_prob must be in [0, 1), got {options.state_reset_prob}")
+    if options.learning_rate <= 0 or options.all_clip_norm_val <= 0:
+        raise ElmoError("learning_rate and all_clip_norm_val must be > 0")
+    return options
+
+
+def argv_from_args(args, add_flags: Callable, drop: tuple = ("nproc",)) -> list[str]:
+    """The command-line arguments that give `args` under the parser `add_flags` builds (flags at
+    their default left out): `--nproc N` re-runs the command under torchrun with them."""
+    p = argparse.ArgumentParser(add_help=False)
+    add_flags(p)
+    out = []
+    for a in p._actions:
+        if not a.option_strings or a.dest in drop:
+            continue
+        v = getattr(args, a.dest, a.default)
+        if v == a.default:
+            continue
+        if isinstance(a, argparse._StoreTrueAction):
+            out.append(a.option_strings[0])
+        else:
+            out += [a.option_strings[0], str(v)]
+    return out
+
+
+def check_train_args(args) -> None:
+    """The run-control flags of `elmo train`, all checked before anything is read."""
+    if args.epochs is not None and args.epochs <= 0:
+        raise ElmoError(f"--epochs must be > 0, got {args.epochs:g}")
+    for flag in ("log_every", "eval_every", "checkpoint_every", "heldout_batch_size",
+                 "n_train_tokens", "max_tokens", "heldout_max_batches"):
+        at_least(f"--{flag.replace('_', '-')}", getattr(args, flag, None), 1)
+    if args.max_time is not None and args.max_time <= 0:
+        raise ElmoError(f"--max-time must be > 0 seconds, got {args.max_time:g}")
+    if (getattr(args, "dist_timeout", None) or 600.0) <= 0:
+        raise ElmoError(f"--dist-timeout must be > 0, got {args.dist_timeout:g}")
+    if os.path.exists(args.save_dir) and not os.path.isdir(args.save_dir):
+        raise ElmoError(f"--save-dir {args.save_dir} is a file, expected a directory")
+    if os.path.isdir(args.vocab):
+        raise ElmoError(f"--vocab {args.vocab} is a directory, expected the vocabulary file")
+
+
+def cmd_train(args) -> int:
+    from . import checkpoint as ck
+    from . import distributed, train
+    from .textio import expand_glob
+    from .vocab import Vocabulary
+    nproc = getattr(args, "nproc", None)
+    at_least("--nproc", nproc, 1)
+    if nproc is not None and nproc > 1:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ElmoError("--nproc inside torchrun: use one or the other")
+        return distributed.spawn_torchrun(nproc, "train", argv_from_args(args, _train_parser))
+    check_train_args(args)
+    with warnings_as_lines("train"):
+        device = resolve_device(args.device)
+        rank, world_size, device = distributed.init_distributed(device, args.dist_timeout or 600.0)
+        if world_size > 1:
+            distributed.on_sigterm_say_why(rank, "train")
+        train_files = expand_glob(args.train)
+        heldout_files = expand_glob(args.heldout) if args.heldout else None
+        vocab = Vocabulary.read(args.vocab)
+        base, epochs = None, args.epochs
+        if args.resume:   # the checkpoint is read once here for its options and epochs
+            path = os.path.join(args.save_dir, ck.CHECKPOINT)
+            saved = ck.load_checkpoint(path)
+            base = ck.checkpoint_options(saved, path)
+            if epochs is None:
+                epochs = float(saved["run"]["epochs"])
+            del saved
+        elif args.init_from and not (args.options or args.preset):
+            src = ck.resolve_init_from(args.init_from)[0]
+            base = Options(lstm=src.lstm, char_cnn=src.char_cnn, bidirectional=src.bidirectional)
+        options = options_from_args(args, base)
+        if (not args.resume and os.path.exists(os.path.join(args.save_dir, ck.CHECKPOINT))
+                and args.init_from is None):
+            raise ElmoError(f"{args.save_dir} already holds a checkpoint: add --resume to continue "
+                            f"it, or choose another --save-dir")
+        try:
+            train.train(options, vocab, train_files, args.save_dir, heldout_files=heldout_files,
+                        epochs=epochs, n_train_tokens=getattr(args, "n_train_tokens", None),
+                        max_tokens=args.max_tokens, max_time=args.max_time, seed=args.seed,
+                        resume=args.resume, init_from=args.init_from, log_every=args.log_every,
+                        eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
+                        heldout_batch_size=getattr(args, "heldout_batch_size", 256),
+                        heldout_max_batches=args.heldout_max_batches, device=device,
+                        bf16=args.bf16, progress=not args.no_progress, vocab_path=args.vocab,
+                        rank=rank, world_size=world_size)
+        except KeyboardInterrupt:
+            if world_size > 1:   # all ranks stopped at the same step: the group is healthy
+                print("elmo train: interrupted", file=sys.stderr)
+                distributed.leave_group(rank, 130)
+            raise
+    if world_size > 1:   # only after a clean finish: a broken group may hang in teardown
+        distributed.leave_group(rank, 0)
+    return 0
+
+
+def cmd_test(args) -> int:
+    from .checkpoint import load_language_model, same_vocabulary
+    from .data import LMBatchStream
+    from .evaluate import perplexity
+    from .textio import expand_glob
+    from .vocab import Vocabulary
+    at_least("--batch-size", args.batch_size, 1)
+    at_least("--max-batches", args.max_batches, 1)
+    with warnings_as_lines("test"):
+        device = resolve_device(args.device)
+        files = expand_glob(args.test)
+        vocab = Vocabulary.read(args.vocab)
+        lm, ckpt = load_language_model(args.save_dir, device)
+        if not same_vocabulary(ckpt, vocab):
+            v = ckpt["vocab"]
+            raise ElmoError(f"{args.vocab} ({len(vocab)} tokens) is not the vocabulary the model "
+                            f"in {args.save_dir} was trained with ({v['path']}, {v['size']} tokens)")
+        stream = LMBatchStream(files, vocab, args.batch_size, 1,
+                               max_chars=lm.options.char_cnn.max_characters_per_token,
+                               seed=0, shuffle=False, loop=False,
+                               bidirectional=lm.options.bidirectional)
+        ppl = perplexity(lm, stream, max_batches=args.max_batches, device=device)
+    print(f"forward perplexity:  {ppl['forward']:.3f}")
+    print(f"backward perplexity: {ppl['backward']:.3f}")
+    print(f"average perplexity:  {ppl['average']:.3f}")
+    print(f"({ppl['n_batches']:,} batches of {args.batch_size}, {ppl['n_tokens']:,} targets "
+          f"per direction, full softmax)", file=sys.stderr)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .checkpoint import export_run
+    from .outputs import check_output
+    check_output(args.out, "--out", directory=True)
+    options_file, weight_file = export_run(args.save_dir, args.out)
+    print(f"wrote {options_file} and {weight_file}")
+    return 0
+
+
+def cmd_embed(args) -> int:
+    from . import embed
+    return embed.cli_embed(args)
+
+
+def cmd_classify(args) -> int:
+    from .embed import ElmoEmbedder
+    from .hub import resolve_model
+    from .outputs import check_output
+    from .tasks import classify
+    if args.predictions:
+        check_output(args.predictions, "--predictions", [args.train, args.test, args.dev])
+    at_least("--batch-size", args.batch_size, 1)
+    at_least("--max-train", args.max_train, 1)
+    at_least("--max-test", args.max_test, 1)
+    with warnings_as_lines("classify"):
+        train, test, dev = classify.read_classification_data(
+            args.train, args.test, args.dev, args.format, args.max_train, args.max_test, args.seed)
+        embedder = None
+        if args.features != "tfidf":
+            if args.model is None:
+                raise ElmoError("--model is required (a dir with options.json + weights.hdf5)")
+            embedder = ElmoEmbedder(*resolve_model(args.model),
+                                    device=resolve_device(args.device, default="cpu"))
+        result = classify.run_classification(train, test, dev, args.features, args.classifier,
+                                             embedder, batch_size=args.batch_size, seed=args.seed,
+                                             progress=True)
+    print(classify.classification_summary(result, args.features, args.classifier))
+    if args.predictions:
+        classify.write_predictions(args.predictions, test, result["predictions"])
+        print(f"predictions written to {args.predictions}")
+    return 0
+
+
+def cmd_ner(args) -> int:
+    import torch
+
+    from .embed import ElmoEmbedder
+    from .hub import resolve_model
+    from .outputs import check_output
+    from .tasks import ner
+    if args.predictions:
+        check_output(args.predictions, "--predictions", [args.train, args.dev, args.test])
+    for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size),
+                        ("--hidden", args.hidden), ("--patience", args.patience),
+                        ("--max-train", args.max_train), ("--max-eval", args.max_eval)):
+        at_least(flag, value, 1)
+    device = resolve_device(getattr(args, "device", None), default="cpu")
+    with warnings_as_lines("ner"):
+        train, dev, test = ner.read_ner_data(args.train, args.dev, args.test, args.max_train,
+                                             args.max_eval, args.seed)
+        embedder = None
+        if not args.no_elmo:
+            if args.model is None:
+                raise ElmoError("--model is required (a dir with options.json + weights.hdf5)")
+            embedder = ElmoEmbedder(*resolve_model(args.model), device=device)
+        elif args.model:
+            print("--no-elmo: --model is ignored")
+        print(f"train {len(train)}  dev {len(dev)}  test {len(test)} sentences; "
+              f"{'ELMo (frozen, scalar mix) + ' if embedder else ''}words + casing -> BiLSTM "
+              f"({args.hidden}) -> CRF on {device}; {torch.get_num_threads()} torch threads")
+        res = ner.train_tagger(train, dev, test, embedder, epochs=args.epochs,
+                               patience=args.patience, batch_size=args.batch_size, lr=args.lr,
+                               hidden=args.hidden, seed=args.seed, device=device)
+    print(ner.ner_summary(res, embedder is not None))
+    if args.predictions:
+        ner.write_conll(test, args.predictions, extra=res.test_predictions, bio=True)
+        print(f"predictions written to {args.predictions} (last column; tags in BIO)")
+    return 0
+
+
+def cmd_quickstart(args) -> int:
     from . import quickstart
-    return quickstart.cli_quickstart
+    at_least("--minutes", args.minutes, 0.1)
+    return quickstart.run_quickstart(args.work_dir, args.minutes, args.seed,
+                                     progress=not args.no_progress)
 
 
 COMMANDS = {
-    "vocab": ("build a frequency-sorted vocabulary from a corpus", _vocab_parser),
-    "train": ("train a biLM (bilm-tf train_elmo.py / restart.py)", _train_parser),
-    "test": ("held-out perplexity with the full softmax (bilm-tf run_test.py)", _test_parser),
+    "vocab": ("build a frequency-sorted vocabulary from a corpus", _vocab_parser, cmd_vocab),
+    "train": ("train a biLM (bilm-tf train_elmo.py / restart.py)", _train_parser, cmd_train),
+    "test": ("held-out perplexity with the full softmax (bilm-tf run_test.py)", _test_parser,
+             cmd_test),
     "export": ("write options.json + weights.hdf5 from a run (bilm-tf dump_weights.py)",
-               _export_parser),
-    "embed": ("embed a text file to HDF5 (the removed `allennlp elmo` command)", _embed_parser),
-    "classify": ("text classification on pooled ELMo vectors", _classify_parser),
-    "ner": ("CoNLL-2003 NER: ELMo -> BiLSTM -> CRF", _ner_parser),
-    "quickstart": ("train a small ELMo on a bundled corpus and show what it does", _quickstart_parser),
+               _export_parser, cmd_export),
+    "embed": ("embed a text file to HDF5 (the removed `allennlp elmo` command)", _embed_parser,
+              cmd_embed),
+    "classify": ("text classification on pooled ELMo vectors", _classify_parser, cmd_classify),
+    "ner": ("CoNLL-2003 NER: ELMo -> BiLSTM -> CRF", _ner_parser, cmd_ner),
+    "quickstart": ("train a small ELMo on a bundled corpus and show what it does",
+                   _quickstart_parser, cmd_quickstart),
 }
 
 
@@ -188,7 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="elmo", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="command")
     sub.required = True
-    for name, (help_, _) in COMMANDS.items():
+    for name, (help_, _, _) in COMMANDS.items():
         sub.add_parser(name, help=help_, description=help_)
     return parser
 
@@ -196,12 +500,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
-    # Only the chosen command's module is imported (torch-heavy modules load lazily).
     if argv and argv[0] in COMMANDS:
         name = argv[0]
-        help_, add = COMMANDS[name]
+        help_, add_flags, run = COMMANDS[name]
         p = argparse.ArgumentParser(prog=f"elmo {name}", description=help_)
-        run = add(p)
+        add_flags(p)
         args = p.parse_args(argv[1:])
         try:
             return run(args) or 0

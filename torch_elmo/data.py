@@ -30,51 +30,19 @@ With shuffle=False every order is the identity, so the stream is the files read 
 from __future__ import annotations
 
 import os
-import sys
 import warnings
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 
 from .chars import BOS_TOKEN, EOS_TOKEN, char_ids
 from .config import ElmoError
-from .outputs import check_output
-from .textio import BOM, READ_BYTES, BadLines, as_files, expand_glob, name_files
-from .vocab import Vocabulary, build_vocabulary, count_words
+from .textio import BOM, BadLines, as_files, name_files
+from .vocab import Vocabulary
 
 BLOCK_BYTES = 8 << 20       # shuffle unit: ~2x this in memory per direction while it is read
 _CACHE_TOKENS = 100_000     # char-id cache entries before it is cleared
-
-
-def cli_vocab(args) -> int:
-    """`elmo vocab --train GLOB --out FILE [--min-count N] [--max-size N]`."""
-    if args.min_count < 1:
-        raise ElmoError(f"--min-count must be at least 1, got {args.min_count}")
-    if args.max_size is not None and args.max_size < 3:
-        raise ElmoError(f"--max-size must be at least 3 (<S>, </S>, <UNK>), got {args.max_size}")
-    files = expand_glob(args.train)
-    if os.path.isdir(args.out):
-        raise ElmoError(f"--out {args.out} is a directory, expected a file path")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    check_output(args.out, "--out", files)
-    bad = BadLines()
-    counts = count_words(files, bad)
-    n_tokens = sum(counts.values())
-    if n_tokens == 0:
-        raise ElmoError(f"{name_files(files)}: no tokens (empty or blank files)")
-    vocab = build_vocabulary(counts, min_count=args.min_count, max_size=args.max_size)
-    if len(vocab) == 3:
-        raise ElmoError(f"--min-count {args.min_count} keeps no word (the most frequent occurs "
-                        f"{max(counts.values())} times): nothing written; lower --min-count")
-    covered = sum(counts[t] for t in vocab.tokens)
-    vocab.write(args.out)
-    print(f"{n_tokens} tokens ({len(counts)} distinct) in {len(files)} file(s)"
-          + (f", {bad.count} non-UTF-8 line(s) skipped" if bad.count else ""))
-    print(f"wrote {args.out}: vocabulary size {len(vocab)} (3 specials + {len(vocab) - 3} words), "
-          f"covering {100.0 * covered / n_tokens:.2f}% of the tokens")
-    print(f"n_train_tokens = {n_tokens}")
-    return 0
 
 
 # ------------------------------------------------------------------------- the batch stream

@@ -1,4 +1,4 @@
-"""Evaluation: held-out perplexity exactly as bilm-tf's run_test.py (spec section 9).
+"""Evaluation: held-out perplexity exactly as bilm-tf's run_test.py.
 
 Full softmax over the vocabulary, no dropout, the held-out files read once in file order without
 shuffling (the stream is built with unroll_steps 1 and the batch size of the command line, 256 by
@@ -18,8 +18,6 @@ so average = sqrt(forward * backward). A forward-only model reports forward = av
 from __future__ import annotations
 
 import math
-import sys
-import warnings
 from typing import Iterable, Optional
 
 import torch
@@ -63,33 +61,3 @@ def perplexity(lm, stream: Iterable[dict], max_batches: Optional[int] = None,
     return {"forward": math.exp(means[0]),
             "backward": math.exp(means[1]) if len(means) > 1 else math.exp(means[0]),
             "average": math.exp(avg), "n_batches": n_batches, "n_tokens": n_tokens}
-
-
-def cli_test(args) -> int:
-    from . import data
-    from .train import _one_line_warnings, load_language_model, resolve_device, vocab_fingerprint
-    from .vocab import Vocabulary
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")
-        warnings.showwarning = _one_line_warnings("elmo test")
-        if args.batch_size < 1:
-            raise ElmoError(f"--batch-size must be >= 1, got {args.batch_size}")
-        device = resolve_device(args.device)
-        files = data.expand_glob(args.test)
-        vocab = Vocabulary.read(args.vocab)
-        lm, ckpt = load_language_model(args.save_dir, device)
-        v = ckpt["vocab"]
-        if int(v["size"]) != len(vocab) or v["sha1"] != vocab_fingerprint(vocab):
-            raise ElmoError(f"{args.vocab} ({len(vocab)} tokens) is not the vocabulary the model "
-                            f"in {args.save_dir} was trained with ({v['path']}, {v['size']} tokens)")
-        stream = data.LMBatchStream(files, vocab, args.batch_size, 1,
-                                    max_chars=lm.options.char_cnn.max_characters_per_token,
-                                    seed=0, shuffle=False, loop=False,
-                                    bidirectional=lm.options.bidirectional)
-        ppl = perplexity(lm, stream, max_batches=args.max_batches, device=device)
-    print(f"forward perplexity:  {ppl['forward']:.3f}")
-    print(f"backward perplexity: {ppl['backward']:.3f}")
-    print(f"average perplexity:  {ppl['average']:.3f}")
-    print(f"({ppl['n_batches']:,} batches of {args.batch_size}, {ppl['n_tokens']:,} targets "
-          f"per direction, full softmax)", file=sys.stderr)
-    return 0

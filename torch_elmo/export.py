@@ -155,4 +155,3 @@ def export_model(model: BiLM, out_dir: str | os.PathLike) -> tuple[str, str]:
     save_weights(model, weight_file)
     write_options(model.options, options_file, inference=True)
     return options_file, weight_file
-

@@ -43,7 +43,6 @@ from __future__ import annotations
 import csv
 import importlib.util
 import io
-import math
 import os
 import random
 import re
@@ -51,7 +50,7 @@ import sys
 import time
 import zipfile
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -272,10 +271,13 @@ def _reexec_with_passive_openmp() -> None:
     os.execve(sys.executable, [sys.executable, "-m", "torch_elmo", *sys.argv[1:]], env)
 
 
-def cli_quickstart(args) -> int:
+def run_quickstart(work_dir: str, minutes: float = 5.0, seed: int = 0,
+                   progress: bool = True) -> int:
+    """The whole quickstart (corpus, training, perplexity, export, demos); `elmo quickstart`."""
     _reexec_with_passive_openmp()
     import torch
     from . import train as train_mod
+    from .checkpoint import export_run, load_language_model
     from .data import LMBatchStream
     from .embed import ElmoEmbedder
     from .evaluate import perplexity
@@ -283,7 +285,7 @@ def cli_quickstart(args) -> int:
     from .vocab import Vocabulary, build_vocabulary, count_words
 
     t_start = time.time()
-    work = Path(args.work_dir)
+    work = Path(work_dir)
     run_dir, model_dir, data_dir = work / "run", work / "model", work / "data"
     marker = work / ".elmo-quickstart"
     if work.exists() and any(work.iterdir()):
@@ -296,7 +298,6 @@ def cli_quickstart(args) -> int:
         print(f"starting afresh in {work} (the previous quickstart run there is removed)")
     data_dir.mkdir(parents=True, exist_ok=True)
     marker.write_text("made by `elmo quickstart`; it may delete run/, model/ and data/ here\n")
-    seed = args.seed
     torch.manual_seed(seed)
 
     _hr("1. corpus")
@@ -317,22 +318,22 @@ def cli_quickstart(args) -> int:
           f"{len(held_s):,} / {n_held:,} (1% of the articles); vocabulary {len(vocab):,} "
           f"({time.time() - t_start:.0f} s)")
 
-    _hr(f"2. training a small ELMo for {args.minutes:g} minutes")
+    _hr(f"2. training a small ELMo for {minutes:g} minutes")
     options = quickstart_options()
     o = options
     print(f"char CNN {o.char_cnn.n_filters} filters -> {o.lstm.projection_dim}, 2 x LSTM "
           f"{o.lstm.dim} units / {o.lstm.projection_dim} projection per direction; batch "
           f"{o.batch_size} x {o.unroll_steps}, sampled softmax {o.n_negative_samples_batch}, "
           f"Adagrad {o.learning_rate}")
-    record = train_mod.train(options, vocab, [str(data_dir / "train.txt")], str(run_dir),
-                             heldout_files=[str(data_dir / "heldout.txt")], epochs=1,
-                             max_time=args.minutes * 60, seed=seed, log_every=100,
-                             eval_every=500, checkpoint_every=10**9,
-                             heldout_max_batches=10, progress=not args.no_progress,
-                             vocab_path=str(data_dir / "vocab.txt"))
+    train_mod.train(options, vocab, [str(data_dir / "train.txt")], str(run_dir),
+                    heldout_files=[str(data_dir / "heldout.txt")], epochs=1,
+                    max_time=minutes * 60, seed=seed, log_every=100,
+                    eval_every=500, checkpoint_every=10**9,
+                    heldout_max_batches=10, progress=progress,
+                    vocab_path=str(data_dir / "vocab.txt"))
 
     _hr("3. held-out perplexity (full softmax, bilm-tf run_test.py)")
-    lm, _ = train_mod.load_language_model(str(run_dir))
+    lm, _ = load_language_model(str(run_dir))
     t0 = time.time()
     stream = LMBatchStream([str(data_dir / "heldout.txt")], vocab, batch_size=256, unroll_steps=1,
                            shuffle=False, loop=False)
@@ -342,7 +343,7 @@ def cli_quickstart(args) -> int:
           f"a uniform guess would be {len(vocab):,}")
 
     _hr("4. export")
-    options_file, weight_file = train_mod.export_run(str(run_dir), str(model_dir))
+    options_file, weight_file = export_run(str(run_dir), str(model_dir))
     print(f"wrote {options_file} and {weight_file}; use it with "
           f"torch_elmo.ElmoEmbedder('{model_dir}') or `elmo embed --model {model_dir}`")
 

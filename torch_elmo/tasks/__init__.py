@@ -2,8 +2,8 @@
 CoNLL-2003 NER (ner.py, `elmo ner`); common.py holds what both use (data lines, subsampling, the
 frozen biLM's layers per sentence). The names below are re-exported for `from torch_elmo.tasks
 import ...`."""
-from .classify import (Example, cli_classify, detect_format, fit_and_score, pool_features,
+from .classify import (Example, detect_format, fit_and_score, pool_features,
                        read_examples, read_trec, run_classification)
 from .common import embed_layers, subsample
-from .ner import (ConllSentence, NerResult, Tagger, cli_ner, iob1_to_bio, ner_scores, read_conll,
+from .ner import (ConllSentence, NerResult, Tagger, iob1_to_bio, ner_scores, read_conll,
                   train_tagger, write_conll)

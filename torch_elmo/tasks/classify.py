@@ -32,9 +32,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..config import ElmoError
-from ..embed import ElmoEmbedder
-from ..hub import resolve_model
-from ..outputs import atomic_text, check_output
+from ..outputs import atomic_text
 from .common import bad_line, embed_layers, read_data_lines, subsample
 
 FORMATS = ("auto", "tsv", "emotion", "sst", "trec")
@@ -340,23 +338,3 @@ def write_predictions(path, test: list[Example], predictions: Sequence[str]) -> 
         f.write("text\tgold\tpredicted\n")
         for e, p in zip(test, predictions):
             f.write(f"{' '.join(e.tokens)}\t{e.label}\t{p}\n")
-
-
-def cli_classify(args) -> int:
-    """`elmo classify`: see cli._classify_parser."""
-    if args.predictions:
-        check_output(args.predictions, "--predictions", [args.train, args.test, args.dev])
-    train, test, dev = read_classification_data(args.train, args.test, args.dev, args.format,
-                                                args.max_train, args.max_test, args.seed)
-    embedder = None
-    if args.features != "tfidf":
-        if args.model is None:
-            raise ElmoError("--model is required (a dir with options.json + weights.hdf5)")
-        embedder = ElmoEmbedder(*resolve_model(args.model), device=args.device or "cpu")
-    result = run_classification(train, test, dev, args.features, args.classifier, embedder,
-                                batch_size=args.batch_size, seed=args.seed, progress=True)
-    print(classification_summary(result, args.features, args.classifier))
-    if args.predictions:
-        write_predictions(args.predictions, test, result["predictions"])
-        print(f"predictions written to {args.predictions}")
-    return 0

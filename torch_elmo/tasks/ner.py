@@ -28,8 +28,7 @@ import torch.nn as nn
 
 from ..config import ElmoError
 from ..embed import ElmoEmbedder, length_sorted_batches
-from ..hub import resolve_model
-from ..outputs import atomic_text, check_output
+from ..outputs import atomic_text
 from ..modules import ScalarMix
 from .common import bad_line, embed_layers, read_data_lines, subsample
 
@@ -407,33 +406,3 @@ def ner_summary(res: NerResult, with_elmo: bool) -> str:
         f"test entity F1 {t['f1']:.4f}  precision {t['precision']:.4f}  recall {t['recall']:.4f}"
         f"  (seqeval, BIO)",
         t["report"].rstrip()])
-
-
-def cli_ner(args) -> int:
-    """`elmo ner`: see cli._ner_parser. The biLM and the tagger run on the CPU."""
-    if args.predictions:
-        check_output(args.predictions, "--predictions", [args.train, args.dev, args.test])
-    for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size),
-                        ("--hidden", args.hidden)):
-        if value < 1:
-            raise ElmoError(f"{flag} must be at least 1, got {value}")
-    train, dev, test = read_ner_data(args.train, args.dev, args.test, args.max_train,
-                                     args.max_eval, args.seed)
-    embedder = None
-    if not args.no_elmo:
-        if args.model is None:
-            raise ElmoError("--model is required (a dir with options.json + weights.hdf5)")
-        embedder = ElmoEmbedder(*resolve_model(args.model), device="cpu")
-    elif args.model:
-        print("--no-elmo: --model is ignored")
-    print(f"train {len(train)}  dev {len(dev)}  test {len(test)} sentences; "
-          f"{'ELMo (frozen, scalar mix) + ' if embedder else ''}words + casing -> BiLSTM "
-          f"({args.hidden}) -> CRF; {torch.get_num_threads()} torch threads")
-    res = train_tagger(train, dev, test, embedder, epochs=args.epochs, patience=args.patience,
-                       batch_size=args.batch_size, lr=args.lr, hidden=args.hidden, seed=args.seed,
-                       device="cpu")
-    print(ner_summary(res, embedder is not None))
-    if args.predictions:
-        write_conll(test, args.predictions, extra=res.test_predictions, bio=True)
-        print(f"predictions written to {args.predictions} (last column; tags in BIO)")
-    return 0
