@@ -1,10 +1,10 @@
 """Embedding with a trained biLM: the inference state, sentence boundaries, the token-embedding
 cache, `ElmoEmbedder`, and embedding a text file into HDF5.
 
-* `ElmoEmbedder` (allennlp 0.9): `embed_sentence(tokens)` -> np.ndarray (3, n, 2P) float32,
-  `embed_batch`, `embed_sentences`, `embed_file` (the removed `allennlp elmo` command, also
-  `elmo embed`). The nn.Module front doors (`Elmo`, `ElmoModel`, `load`) are in modules.py and
-  run the biLM through the same `run_bilm` / `InitialState`.
+* `ElmoEmbedder` (allennlp 0.9's signature): `embed_sentence(tokens)` -> (3, n, 2P) float32,
+  `embed_batch`, `embed_sentences`, `batch_to_embeddings`, `embed_file` (the removed `allennlp
+  elmo` command, also `elmo embed`). modules.py's `Elmo`, `ElmoModel`, `load` run the biLM through
+  the same `run_bilm` (token lists) / `run_bilm_ids` (char ids) / `InitialState`.
 * `length_sorted_batches`: the one place that batches sentences in length order (less padding);
   `embed_file`, the tasks' feature extraction and the NER tagger's decoding use it.
 
@@ -20,12 +20,12 @@ Inference state (`state=`, `STATE_MODES`):
   in. README "Inference state" and benchmarks/state_modes.py compare the three.
 
 Token-embedding cache (bilm-tf `dump_token_embeddings` + `TokenBatcher`): `TokenEmbeddingCache`
-holds the char-CNN output of a vocabulary; `ElmoEmbedder(..., token_cache=cache)` then runs the
-LSTMs from token ids (+1, 0 = padding) with the cached vectors instead of the character CNN
-(`BiLM.forward(token_embedding=..., mask=...)`).
+holds the char-CNN output of a vocabulary; `ElmoEmbedder(..., token_cache=cache)` runs the LSTMs
+from token ids (+1, 0 = padding) with the cached vectors instead of the character CNN.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
@@ -431,13 +431,8 @@ class ElmoEmbedder:
 
     def embed_sentences(self, sentences: Iterable[Sequence[str]],
                         batch_size: int = 64) -> Iterator[np.ndarray]:
-        batch: list = []
-        for sentence in sentences:
-            batch.append(sentence)
-            if len(batch) == batch_size:
-                yield from self.embed_batch(batch)
-                batch = []
-        if batch:
+        it = iter(sentences)
+        while batch := list(itertools.islice(it, batch_size)):
             yield from self.embed_batch(batch)
 
     def embed_file(self, input_file, output_file: Optional[str | os.PathLike] = None,
@@ -450,29 +445,25 @@ class ElmoEmbedder:
         """See `embed_file`; the positional order is allennlp 0.9's (input file or path, output
         path, output format, batch size, forget_sentences, use_sentence_keys), and its keyword
         names `output_file_path` / `output_format` are accepted too."""
-        if output_file_path is not None:
-            if output_file is not None:
-                raise ElmoError("give output_file or output_file_path, not both")
-            output_file = output_file_path
-        if output_file is None:
-            raise ElmoError("embed_file needs an output file")
-        if output_format is not None:
-            layers = output_format
-        return embed_file(self, input_file, output_file, layers, batch_size, forget_sentences,
+        if (output_file is None) == (output_file_path is None):
+            raise ElmoError("give one output file: output_file or output_file_path, not both")
+        return embed_file(self, input_file, output_file or output_file_path,
+                          output_format or layers, batch_size, forget_sentences,
                           use_sentence_keys, dtype=dtype, max_tokens=max_tokens,
                           progress=progress, warn=warn)
 
 
 def resolve_device(cuda_device, device: Optional[str | torch.device]) -> str | torch.device:
     """allennlp's `cuda_device` (-1 = CPU, k = cuda:k) or our `device=` -> one torch device."""
-    if isinstance(cuda_device, str) or not isinstance(cuda_device, int):
+    if not isinstance(cuda_device, int):
         raise ElmoError(f"the third argument of ElmoEmbedder is cuda_device (an int, -1 = CPU, as "
                         f"allennlp's), got {cuda_device!r}; pass state= and device= by keyword")
-    if device is not None:
-        if cuda_device >= 0 and torch.device(device) != torch.device("cuda", cuda_device):
-            raise ElmoError(f"cuda_device={cuda_device} and device={device!r} disagree; give one")
-        return device
-    return f"cuda:{cuda_device}" if cuda_device >= 0 else "cpu"
+    if device is None:
+        return f"cuda:{cuda_device}" if cuda_device >= 0 else "cpu"
+    dev = torch.device(device)
+    if cuda_device >= 0 and (dev.type, dev.index or 0) != ("cuda", cuda_device):
+        raise ElmoError(f"cuda_device={cuda_device} and device={device!r} disagree; give one")
+    return device
 
 
 # ---------------------------------------------------------------------------------- batching
@@ -589,25 +580,23 @@ def atomic_hdf5(output_file: str) -> Iterator[h5py.File]:
 
 
 def write_sentence_index(fout: h5py.File, lines: Sequence[str]) -> None:
-    """`sentence_to_index`: a (1,) string dataset holding JSON {line text: "i"} (allennlp's;
-    a repeated line maps to its last index)."""
+    """`sentence_to_index`: (1,) string dataset, JSON {line text: "i"} (allennlp's; last wins)."""
     ds = fout.create_dataset("sentence_to_index", (1,), dtype=h5py.string_dtype())
     ds[0] = json.dumps({line.strip(): str(i) for i, line in enumerate(lines)})
 
 
 def sentence_keys(lines: Sequence[str], use_sentence_keys: bool) -> list[str]:
-    """The HDF5 key of each line: str(i), or (`use_sentence_keys`, allennlp's flag) the stripped
-    line text. Sentence keys must be unique and non-empty: else one ElmoError naming the lines,
-    before anything is embedded. (A `/` in a key makes HDF5 groups on the way; the dataset still
-    reads back as f[sentence].)"""
+    """The HDF5 key of each line: str(i), or (`use_sentence_keys`) the stripped line text, which
+    must be unique and non-empty: else an ElmoError naming the lines, before anything is embedded.
+    (A `/` in a key makes HDF5 groups on the way; the dataset still reads back as f[sentence].)"""
     if not use_sentence_keys:
         return [str(i) for i in range(len(lines))]
     keys = [line.strip() for line in lines]
     seen: dict[str, int] = {}
     for i, key in enumerate(keys):
         if key in ("", "."):
-            raise ElmoError(f"line {i + 1}: {'empty' if not key else repr(key)} cannot be an "
-                            f"HDF5 key; drop --use-sentence-keys (use_sentence_keys)")
+            raise ElmoError(f"line {i + 1}: {repr(key) if key else 'empty'} cannot be an HDF5 "
+                            f"key; drop --use-sentence-keys (use_sentence_keys)")
         if key in seen:
             raise ElmoError(f"lines {seen[key] + 1} and {i + 1} are the same sentence: sentence "
                             f"keys must be unique; to embed duplicate sentences drop "
@@ -617,20 +606,19 @@ def sentence_keys(lines: Sequence[str], use_sentence_keys: bool) -> list[str]:
 
 
 def read_input(input_file, warn: Optional[Callable[[str], None]]) -> tuple[str, list[str]]:
-    """(name for messages, lines without line ends) of a path or an open file object (text or
-    binary; allennlp's embed_file takes an open file). The file object is not closed."""
+    """(name, lines without line ends) of a path or an open text/binary file object (allennlp's
+    embed_file takes one; it is not closed here)."""
     if not hasattr(input_file, "read"):
         path = os.fspath(input_file)
         return path, read_lines(path, errors="replace", warn=warn, what="input file")
     name = str(getattr(input_file, "name", "<input file>"))
     data = input_file.read()
     if isinstance(data, bytes):
-        data = data.removeprefix(b"\xef\xbb\xbf")
         text = data.decode("utf-8", errors="replace")
         if text.count("\ufffd") != data.decode("utf-8", errors="ignore").count("\ufffd"):
             (warn or warnings.warn)(f"{name}: bytes that are not UTF-8 became U+FFFD")
         data = text
-    lines = data.removeprefix("\ufeff").split("\n")
+    lines = data.removeprefix("\ufeff").split("\n")            # a leading BOM dropped
     if lines and lines[-1] == "":
         lines.pop()
     return name, lines
@@ -653,15 +641,13 @@ def embed_file(embedder: ElmoEmbedder, input_file, output_file: str | os.PathLik
                use_sentence_keys: bool = False, *, dtype: str = "float32",
                max_tokens: Optional[int] = DEFAULT_MAX_TOKENS, progress: Optional[bool] = None,
                warn: Optional[Callable[[str], None]] = None) -> int:
-    """One whitespace-tokenised sentence a line (a path or an open file object) -> HDF5:
-    dataset str(i) per line i, shape (3, n, 2P) (`layers="all"`) or (n, 2P) (`top`: layer 2,
-    `average`: mean of the 3 layers), plus `sentence_to_index`, the format of the removed
-    `allennlp elmo` command. allennlp's options: `use_sentence_keys` names each dataset by its
-    stripped line instead (unique lines only; no `sentence_to_index`), `forget_sentences` leaves
-    `sentence_to_index` out. Empty lines give (3, 0, 2P). Undecodable bytes become U+FFFD with
-    one warning to `warn` (line i stays dataset i). Lines longer than `max_tokens` are embedded
-    in overlapping windows (`token_windows`) and rejoined. The file is written to a temp file
-    and renamed when complete. Returns the line count."""
+    """One whitespace-tokenised sentence a line (path or open file) -> HDF5: dataset str(i) per
+    line i, (3, n, 2P) (`layers="all"`) or (n, 2P) (`top`: layer 2, `average`: the layers' mean),
+    plus `sentence_to_index`: the removed `allennlp elmo` command's format and options
+    (`use_sentence_keys`: datasets named by their stripped line, no `sentence_to_index`;
+    `forget_sentences`: no `sentence_to_index`). Empty lines give (3, 0, 2P). Undecodable bytes
+    become U+FFFD, one warning to `warn`. Lines longer than `max_tokens` are embedded in
+    overlapping windows (`token_windows`) and rejoined. Written atomically; returns the count."""
     check_embed_file_args(layers, batch_size, dtype, max_tokens)
     output_file = os.fspath(output_file)
     _, lines = read_input(input_file, warn)

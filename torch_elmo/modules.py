@@ -107,8 +107,9 @@ def allennlp_names(bilm: BiLM) -> Iterator[tuple[str, tuple[str, ...], Callable,
                           _same, _split_one))
     for k in range(len(bilm.char_cnn.highways)):
         for p in ("weight", "bias"):
+            hw = f"char_cnn.highways.{k}."
             names.append((ALLENNLP_CHARS + f"_highways._layers.{k}.{p}",
-                          (f"char_cnn.highways.{k}.transform.{p}", f"char_cnn.highways.{k}.carry.{p}"),
+                          (hw + f"transform.{p}", hw + f"carry.{p}"),
                           lambda t, c: torch.cat([t, -c]),
                           lambda a: (a[:a.shape[0] // 2], -a[a.shape[0] // 2:])))
     for p in ("weight", "bias"):
