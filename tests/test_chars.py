@@ -10,7 +10,7 @@ def _filled(prefix, width=50, fill=261):
 
 def test_char_batcher_values_of_fixture_section_c():
     shared_path("fixtures", "bilm-tf", "data", "vocab_test.txt")  # the section C setting
-    ids = batch_to_ids([["The", "first", "sentence"], ["Second", "."]])
+    ids = batch_to_ids([["The", "first", "sentence"], ["Second", "."]], add_boundaries=True)
     assert ids.shape == (2, 5, 50) and ids.dtype == torch.long
     expected = [
         [[259, 257, 260], [259, 85, 105, 102, 260], [259, 103, 106, 115, 116, 117, 260],
@@ -55,13 +55,26 @@ def test_lone_surrogates_dropped_not_raised():
     assert raw_char_ids("\ud800") == raw_char_ids("")
 
 
+def test_default_has_no_boundaries_as_allennlp():
+    plain = batch_to_ids([["The", "first", "sentence"], ["Second", "."]])
+    assert plain.shape == (2, 3, 50) and plain.dtype == torch.long
+    both = batch_to_ids([["The", "first", "sentence"], ["Second", "."]], add_boundaries=True)
+    assert torch.equal(plain[0], both[0, 1:4]) and torch.equal(plain[1, :2], both[1, 1:3])
+    assert torch.all(plain[1, 2] == 0)
+    assert batch_to_ids([["a"]], 10).shape == (1, 1, 10)
+
+
 def test_empty_batch_and_empty_sentence():
-    assert batch_to_ids([]).shape == (0, 2, 50)
-    ids = batch_to_ids([[]])
+    assert batch_to_ids([]).shape == (0, 0, 50)
+    assert batch_to_ids([[]]).shape == (1, 0, 50)
+    assert batch_to_ids([], add_boundaries=True).shape == (0, 2, 50)
+    ids = batch_to_ids([[]], add_boundaries=True)
     assert ids.shape == (1, 2, 50)
     assert mask_from_ids(ids).tolist() == [[True, True]]
 
 
 def test_mask_marks_padding_tokens():
-    ids = batch_to_ids([["a", "b", "c"], ["d"]])
+    ids = batch_to_ids([["a", "b", "c"], ["d"]], add_boundaries=True)
     assert mask_from_ids(ids).tolist() == [[True] * 5, [True, True, True, False, False]]
+    assert mask_from_ids(batch_to_ids([["a", "b", "c"], ["d"]])).tolist() == \
+        [[True] * 3, [True, False, False]]

@@ -43,9 +43,12 @@ def char_ids(token: str, max_chars: int = 50) -> list[int]:
 
 
 def batch_to_ids(batch: Sequence[Sequence[str]], max_chars: int = 50,
-                 add_boundaries: bool = True) -> torch.Tensor:
-    """List of token lists -> LongTensor (B, T+2, max_chars), rows `<S> w1..wn </S>` right-padded
-    with all-zero padding tokens (T = longest sentence). Empty batch -> (0, 2, max_chars)."""
+                 add_boundaries: bool = False) -> torch.Tensor:
+    """List of token lists -> LongTensor (B, T, max_chars) of char ids, rows right-padded with
+    all-zero padding tokens (T = longest sentence), as allennlp's `batch_to_ids`: no `<S>`/`</S>`,
+    which `Elmo`, `ElmoModel` and `ElmoEmbedder` add themselves. `add_boundaries=True` gives the
+    rows `<S> w1..wn </S>`, (B, T+2, max_chars), the form `BiLM.forward` reads directly.
+    Empty batch -> (0, 0, max_chars) ((0, 2, max_chars) with boundaries)."""
     extra = 2 if add_boundaries else 0
     width = max((len(s) for s in batch), default=0) + extra
     out = np.zeros((len(batch), width, max_chars), dtype=np.int64)

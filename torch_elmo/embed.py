@@ -1,10 +1,10 @@
 """Embedding with a trained biLM: the inference state, sentence boundaries, the token-embedding
 cache, `ElmoEmbedder`, and embedding a text file into HDF5.
 
-* `ElmoEmbedder` (allennlp 0.9): `embed_sentence(tokens)` -> np.ndarray (3, n, 2P) float32,
-  `embed_batch`, `embed_sentences`, `embed_file` (the removed `allennlp elmo` command, also
-  `elmo embed`). The nn.Module front doors (`Elmo`, `ElmoModel`, `load`) are in modules.py and
-  run the biLM through the same `run_bilm` / `InitialState`.
+* `ElmoEmbedder` (allennlp 0.9's signature): `embed_sentence(tokens)` -> (3, n, 2P) float32,
+  `embed_batch`, `embed_sentences`, `batch_to_embeddings`, `embed_file` (the removed `allennlp
+  elmo` command, also `elmo embed`). modules.py's `Elmo`, `ElmoModel`, `load` run the biLM through
+  the same `run_bilm` (token lists) / `run_bilm_ids` (char ids) / `InitialState`.
 * `length_sorted_batches`: the one place that batches sentences in length order (less padding);
   `embed_file`, the tasks' feature extraction and the NER tagger's decoding use it.
 
@@ -20,16 +20,17 @@ Inference state (`state=`, `STATE_MODES`):
   in. README "Inference state" and benchmarks/state_modes.py compare the three.
 
 Token-embedding cache (bilm-tf `dump_token_embeddings` + `TokenBatcher`): `TokenEmbeddingCache`
-holds the char-CNN output of a vocabulary; `ElmoEmbedder(..., token_cache=cache)` then runs the
-LSTMs from token ids (+1, 0 = padding) with the cached vectors instead of the character CNN
-(`BiLM.forward(token_embedding=..., mask=...)`).
+holds the char-CNN output of a vocabulary; `ElmoEmbedder(..., token_cache=cache)` runs the LSTMs
+from token ids (+1, 0 = padding) with the cached vectors instead of the character CNN.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
 import tempfile
+import warnings
 import weakref
 from contextlib import contextmanager
 from typing import Callable, Iterable, Iterator, Optional, Sequence
@@ -52,6 +53,7 @@ from .vocab import Vocabulary
 STATE_MODES = ("carry", "zero", "warm")
 DEFAULT_STATE = "warm"
 DEFAULT_MAX_TOKENS = 1000
+DEFAULT_PRETRAINED = "original"  # allennlp 0.9's default ElmoEmbedder model (2x4096_512_2048cnn)
 
 # A fixed, plain warm-up text (1B-Word-style tokenisation). The biLM reads it once from zero state;
 # its final state is the "warm" initial state of every sentence. Changing it changes "warm" outputs.
@@ -122,8 +124,8 @@ def warm_state(model: BiLM, text: Sequence[str] = WARMUP_TEXT) -> tuple[torch.Te
         c0, h0 = model.zero_state(1)
         cs, hs = [], []
         for d in range(model.n_dirs):
-            ids = batch_to_ids([orders[d]], model.options.char_cnn.max_characters_per_token,
-                               add_boundaries=False).to(device)
+            ids = batch_to_ids([orders[d]],
+                               model.options.char_cnn.max_characters_per_token).to(device)
             x = model.char_cnn(ids)
             valid = torch.ones(ids.shape[:2], dtype=torch.bool, device=device)
             _, c, h = model.run_direction(d, x, valid, c0[d], h0[d])
@@ -255,7 +257,7 @@ class TokenEmbeddingCache:
             C = self.model.options.char_cnn.max_characters_per_token
             for i in range(0, len(new), self.batch_size):
                 chunk = new[i:i + self.batch_size]
-                ids = batch_to_ids([[t] for t in chunk], C, add_boundaries=False)
+                ids = batch_to_ids([[t] for t in chunk], C)
                 rows.append(self.model.char_cnn(ids.to(device_of(self.model)))[:, 0])
         finally:
             self.model.train(was_training)
@@ -338,29 +340,53 @@ def run_bilm(model: BiLM, initial: InitialState, batch: list[list[str]],
         ids = token_cache.token_ids(batch).to(device)
         out = model(state=state, token_embedding=token_cache.lookup(ids), mask=ids > 0)
     else:
-        out = model(batch_to_ids(batch, model.options.char_cnn.max_characters_per_token).to(device),
-                    state)
+        out = model(batch_to_ids(batch, model.options.char_cnn.max_characters_per_token,
+                                 add_boundaries=True).to(device), state)
+    initial.write(out["state"])
+    return out
+
+
+def check_char_ids(model: BiLM, ids: torch.Tensor, who: str) -> None:
+    """One-line ElmoError unless `ids` is a (..., T, C) integer tensor for this model."""
+    C = model.options.char_cnn.max_characters_per_token
+    if ids.dim() < 3 or ids.shape[-1] != C or ids.is_floating_point():
+        raise ElmoError(f"{who}: expected integer char ids (..., T, {C}) as from batch_to_ids, "
+                        f"got {ids.dtype} of shape {tuple(ids.shape)}")
+
+
+def run_bilm_ids(model: BiLM, initial: InitialState, ids: torch.Tensor) -> dict:
+    """One biLM run over char ids (B, T, C) WITHOUT boundaries (`batch_to_ids`' default, as
+    allennlp's); `<S>`/`</S>` are added here, so the outputs are (B, T+2, ...)."""
+    ids = ids.to(device_of(model))
+    out = model(add_sentence_boundaries(ids), initial.read(ids.shape[0]))
     initial.write(out["state"])
     return out
 
 
 # -------------------------------------------------------------------------------- ElmoEmbedder
 class ElmoEmbedder:
-    """allennlp 0.9's ElmoEmbedder. `options_file` may also be a model directory or a pretrained
-    name (then `weight_file=None`)."""
+    """allennlp 0.9's ElmoEmbedder: `ElmoEmbedder(options_file, weight_file, cuda_device)`
+    (`cuda_device` -1 = CPU, k >= 0 = GPU k; no arguments = the `original` pretrained model, as
+    allennlp's defaults). `options_file` may also be a model directory or a pretrained name (then
+    `weight_file=None`). Ours, keyword only: `state=` (module doc; allennlp's is "carry"),
+    `device=` (any torch device, instead of cuda_device), `model=` (a BiLM), `token_cache=`."""
 
     def __init__(self, options_file: Optional[str | os.PathLike] = None,
-                 weight_file: Optional[str | os.PathLike] = None,
+                 weight_file: Optional[str | os.PathLike] = None, cuda_device: int = -1, *,
                  state: str = DEFAULT_STATE, max_batch_size: int = 128,
-                 device: str | torch.device = "cpu", model: Optional[BiLM] = None,
+                 device: Optional[str | torch.device] = None, model: Optional[BiLM] = None,
                  token_cache: Optional[TokenEmbeddingCache] = None,
                  initial: Optional[InitialState] = None):
         check_state(state)
+        device = resolve_device(cuda_device, device)
+        if options_file is None and model is None:
+            options_file = DEFAULT_PRETRAINED
         self.model = resolve_bilm(options_file, weight_file, model)
         if self.model.n_dirs != 2:
             raise ElmoError(f"{options_file}: ELMo embeddings need a bidirectional model")
         self.model.to(device).eval()
         self.device = torch.device(device)
+        self.cuda_device = (self.device.index or 0) if self.device.type == "cuda" else -1
         self.state = state
         self.max_chars = self.model.options.char_cnn.max_characters_per_token
         self.states = initial if initial is not None else InitialState(self.model, state,
@@ -372,10 +398,24 @@ class ElmoEmbedder:
         return 2 * self.model.proj_dim
 
     @torch.no_grad()
-    def batch_to_layers(self, batch: Sequence[Sequence[str]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(3, B, T+2, 2P) layers with boundaries and the (B, T+2) mask."""
-        out = run_bilm(self.model, self.states, check_batch(batch), self.token_cache)
+    def batch_to_layers(self, batch: Sequence[Sequence[str]] | torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token lists, or char ids (B, T, C) without boundaries (`batch_to_ids`) -> the
+        (3, B, T+2, 2P) layers WITH `<S>`/`</S>` and their (B, T+2) mask."""
+        if isinstance(batch, torch.Tensor):
+            check_char_ids(self.model, batch, "batch_to_layers")
+            out = run_bilm_ids(self.model, self.states, batch)
+        else:
+            out = run_bilm(self.model, self.states, check_batch(batch), self.token_cache)
         return torch.stack(out["layers"]), out["mask"]
+
+    def batch_to_embeddings(self, batch: Sequence[Sequence[str]] | torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """allennlp 0.9: (activations (B, 3, T, 2P), mask (B, T)) with the boundaries removed,
+        padding positions zero; tensors on the embedder's device."""
+        layers, mask = self.batch_to_layers(batch)
+        stripped = [remove_sentence_boundaries(x, mask) for x in layers]
+        return torch.stack([x for x, _ in stripped], dim=1), stripped[0][1]
 
     def embed_batch(self, batch: Sequence[Sequence[str]]) -> list[np.ndarray]:
         batch = check_batch(batch)
@@ -391,22 +431,39 @@ class ElmoEmbedder:
 
     def embed_sentences(self, sentences: Iterable[Sequence[str]],
                         batch_size: int = 64) -> Iterator[np.ndarray]:
-        batch: list = []
-        for sentence in sentences:
-            batch.append(sentence)
-            if len(batch) == batch_size:
-                yield from self.embed_batch(batch)
-                batch = []
-        if batch:
+        it = iter(sentences)
+        while batch := list(itertools.islice(it, batch_size)):
             yield from self.embed_batch(batch)
 
-    def embed_file(self, input_file: str | os.PathLike, output_file: str | os.PathLike,
-                   layers: str = "all", batch_size: int = 64, dtype: str = "float32",
+    def embed_file(self, input_file, output_file: Optional[str | os.PathLike] = None,
+                   layers: str = "all", batch_size: int = 64, forget_sentences: bool = False,
+                   use_sentence_keys: bool = False, *, dtype: str = "float32",
                    max_tokens: Optional[int] = DEFAULT_MAX_TOKENS, progress: Optional[bool] = None,
-                   warn: Optional[Callable[[str], None]] = None) -> int:
-        """See `embed_file`."""
-        return embed_file(self, input_file, output_file, layers, batch_size, dtype, max_tokens,
-                          progress, warn)
+                   warn: Optional[Callable[[str], None]] = None,
+                   output_file_path: Optional[str | os.PathLike] = None,
+                   output_format: Optional[str] = None) -> int:
+        """See `embed_file`; the positional order is allennlp 0.9's (input file or path, output
+        path, output format, batch size, forget_sentences, use_sentence_keys), and its keyword
+        names `output_file_path` / `output_format` are accepted too."""
+        if (output_file is None) == (output_file_path is None):
+            raise ElmoError("give one output file: output_file or output_file_path, not both")
+        return embed_file(self, input_file, output_file or output_file_path,
+                          output_format or layers, batch_size, forget_sentences,
+                          use_sentence_keys, dtype=dtype, max_tokens=max_tokens,
+                          progress=progress, warn=warn)
+
+
+def resolve_device(cuda_device, device: Optional[str | torch.device]) -> str | torch.device:
+    """allennlp's `cuda_device` (-1 = CPU, k = cuda:k) or our `device=` -> one torch device."""
+    if not isinstance(cuda_device, int):
+        raise ElmoError(f"the third argument of ElmoEmbedder is cuda_device (an int, -1 = CPU, as "
+                        f"allennlp's), got {cuda_device!r}; pass state= and device= by keyword")
+    if device is None:
+        return f"cuda:{cuda_device}" if cuda_device >= 0 else "cpu"
+    dev = torch.device(device)
+    if cuda_device >= 0 and (dev.type, dev.index or 0) != ("cuda", cuda_device):
+        raise ElmoError(f"cuda_device={cuda_device} and device={device!r} disagree; give one")
+    return device
 
 
 # ---------------------------------------------------------------------------------- batching
@@ -523,9 +580,48 @@ def atomic_hdf5(output_file: str) -> Iterator[h5py.File]:
 
 
 def write_sentence_index(fout: h5py.File, lines: Sequence[str]) -> None:
-    """`sentence_to_index`: a (1,) string dataset holding JSON {line text: "i"} (allennlp's)."""
+    """`sentence_to_index`: (1,) string dataset, JSON {line text: "i"} (allennlp's; last wins)."""
     ds = fout.create_dataset("sentence_to_index", (1,), dtype=h5py.string_dtype())
     ds[0] = json.dumps({line.strip(): str(i) for i, line in enumerate(lines)})
+
+
+def sentence_keys(lines: Sequence[str], use_sentence_keys: bool) -> list[str]:
+    """The HDF5 key of each line: str(i), or (`use_sentence_keys`) the stripped line text, which
+    must be unique and non-empty: else an ElmoError naming the lines, before anything is embedded.
+    (A `/` in a key makes HDF5 groups on the way; the dataset still reads back as f[sentence].)"""
+    if not use_sentence_keys:
+        return [str(i) for i in range(len(lines))]
+    keys = [line.strip() for line in lines]
+    seen: dict[str, int] = {}
+    for i, key in enumerate(keys):
+        if key in ("", "."):
+            raise ElmoError(f"line {i + 1}: {repr(key) if key else 'empty'} cannot be an HDF5 "
+                            f"key; drop --use-sentence-keys (use_sentence_keys)")
+        if key in seen:
+            raise ElmoError(f"lines {seen[key] + 1} and {i + 1} are the same sentence: sentence "
+                            f"keys must be unique; to embed duplicate sentences drop "
+                            f"--use-sentence-keys (use_sentence_keys)")
+        seen[key] = i
+    return keys
+
+
+def read_input(input_file, warn: Optional[Callable[[str], None]]) -> tuple[str, list[str]]:
+    """(name, lines without line ends) of a path or an open text/binary file object (allennlp's
+    embed_file takes one; it is not closed here)."""
+    if not hasattr(input_file, "read"):
+        path = os.fspath(input_file)
+        return path, read_lines(path, errors="replace", warn=warn, what="input file")
+    name = str(getattr(input_file, "name", "<input file>"))
+    data = input_file.read()
+    if isinstance(data, bytes):
+        text = data.decode("utf-8", errors="replace")
+        if text.count("\ufffd") != data.decode("utf-8", errors="ignore").count("\ufffd"):
+            (warn or warnings.warn)(f"{name}: bytes that are not UTF-8 became U+FFFD")
+        data = text
+    lines = data.removeprefix("\ufeff").split("\n")            # a leading BOM dropped
+    if lines and lines[-1] == "":
+        lines.pop()
+    return name, lines
 
 
 def check_embed_file_args(layers: str, batch_size: int, dtype: str,
@@ -540,44 +636,63 @@ def check_embed_file_args(layers: str, batch_size: int, dtype: str,
         raise ElmoError(f"max tokens must be >= 1, got {max_tokens}")
 
 
-def embed_file(embedder: ElmoEmbedder, input_file: str | os.PathLike, output_file: str | os.PathLike,
-               layers: str = "all", batch_size: int = 64, dtype: str = "float32",
+def embed_file(embedder: ElmoEmbedder, input_file, output_file: str | os.PathLike,
+               layers: str = "all", batch_size: int = 64, forget_sentences: bool = False,
+               use_sentence_keys: bool = False, *, dtype: str = "float32",
                max_tokens: Optional[int] = DEFAULT_MAX_TOKENS, progress: Optional[bool] = None,
                warn: Optional[Callable[[str], None]] = None) -> int:
-    """One whitespace-tokenised sentence a line -> HDF5: dataset str(i) per line i, shape
-    (3, n, 2P) (`layers="all"`) or (n, 2P) (`top`: layer 2, `average`: mean of the 3 layers),
-    plus `sentence_to_index`, the format of the removed `allennlp elmo` command. Empty lines
-    give (3, 0, 2P). Undecodable bytes become U+FFFD with one warning to `warn` (line i stays
-    dataset i). Lines longer than `max_tokens` are embedded in overlapping windows
-    (`token_windows`) and rejoined. The file is written to a temp file and renamed when
-    complete. Returns the line count."""
+    """One whitespace-tokenised sentence a line (path or open file) -> HDF5: dataset str(i) per
+    line i, (3, n, 2P) (`layers="all"`) or (n, 2P) (`top`: layer 2, `average`: the layers' mean),
+    plus `sentence_to_index`: the removed `allennlp elmo` command's format and options
+    (`use_sentence_keys`: datasets named by their stripped line, no `sentence_to_index`;
+    `forget_sentences`: no `sentence_to_index`). Empty lines give (3, 0, 2P). Undecodable bytes
+    become U+FFFD, one warning to `warn`. Lines longer than `max_tokens` are embedded in
+    overlapping windows (`token_windows`) and rejoined. Written atomically; returns the count."""
     check_embed_file_args(layers, batch_size, dtype, max_tokens)
-    input_file, output_file = os.fspath(input_file), os.fspath(output_file)
-    lines = read_lines(input_file, errors="replace", warn=warn, what="input file")
+    output_file = os.fspath(output_file)
+    _, lines = read_input(input_file, warn)
+    keys = sentence_keys(lines, use_sentence_keys)
     sentences = [line.split() for line in lines]
     np_dtype = np.float16 if dtype == "float16" else np.float32
     with atomic_hdf5(output_file) as fout, \
             tqdm(total=len(lines), unit="line", desc="embed", file=sys.stderr,
                  disable=(None if progress is None else not progress)) as bar:
         for line, emb in embedded_lines(embedder, sentences, batch_size, max_tokens):
-            fout.create_dataset(str(line), data=reduce_layers(emb, layers).astype(np_dtype))
+            try:
+                fout.create_dataset(keys[line], data=reduce_layers(emb, layers).astype(np_dtype))
+            except ValueError as e:  # a sentence key HDF5 cannot take (a path clash)
+                raise ElmoError(f"line {line + 1}: cannot store under the key {keys[line]!r} "
+                                f"({e}); drop --use-sentence-keys") from None
             bar.update(1)
-        write_sentence_index(fout, lines)
+        if not (forget_sentences or use_sentence_keys):
+            write_sentence_index(fout, lines)
     return len(lines)
 
 
 def cli_embed(args) -> int:
-    """`elmo embed`: see cli._embed_parser."""
+    """`elmo embed`: see cli._embed_parser. The model is `--model`, or allennlp's
+    `--options-file` + `--weight-file`; `--use-sentence-keys` and `--forget-sentences` as
+    allennlp's `elmo` command."""
     state = check_state(args.state or DEFAULT_STATE)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    embedder = ElmoEmbedder(*resolve_model(args.model), state=state, device=device,
-                            max_batch_size=args.batch_size)
+    model = getattr(args, "model", None)
+    options_file = getattr(args, "options_file", None)
+    weight_file = getattr(args, "weight_file", None)
+    if model is not None and (options_file or weight_file):
+        raise ElmoError("give --model or --options-file + --weight-file, not both")
+    if model is None and not (options_file and weight_file):
+        raise ElmoError("give --model, or both --options-file and --weight-file")
+    files = resolve_model(model) if model is not None else (options_file, weight_file)
+    embedder = ElmoEmbedder(*files, state=state, device=device, max_batch_size=args.batch_size)
 
     def warn(msg: str) -> None:
         print(f"elmo embed: warning: {msg}", file=sys.stderr)
 
     n = embedder.embed_file(args.input, args.output, layers=args.layers,
-                            batch_size=args.batch_size, dtype=args.dtype,
+                            batch_size=args.batch_size,
+                            forget_sentences=getattr(args, "forget_sentences", False),
+                            use_sentence_keys=getattr(args, "use_sentence_keys", False),
+                            dtype=args.dtype,
                             max_tokens=None if args.max_tokens == 0 else args.max_tokens,
                             warn=warn, progress=False if args.no_progress else None)
     print(f"embedded {n} lines -> {args.output} ({args.layers}, {args.dtype}, state {state})",
