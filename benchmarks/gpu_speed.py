@@ -77,7 +77,8 @@ def matmul_peak(device: torch.device) -> dict:
 def bench_inference(options, device, corpus, batch: int, n_batches: int, warmup: int, mode: str):
     model = BiLM(options).to(device).eval()
     C = options.char_cnn.max_characters_per_token
-    batches = [batch_to_ids(corpus.batch(batch), C).to(device) for _ in range(warmup + n_batches)]
+    batches = [batch_to_ids(corpus.batch(batch), C, add_boundaries=True).to(device)
+               for _ in range(warmup + n_batches)]
     words = sum(int((b > 0).any(2).sum()) - 2 * b.shape[0] for b in batches[warmup:])
     positions = sum(int((b > 0).any(2).sum()) for b in batches[warmup:])
     with torch.no_grad(), _autocast(device, mode):
@@ -105,8 +106,8 @@ def bench_training(options, device, corpus, B: int, T: int, V: int, n_neg: int, 
         out = {"n_tokens": B * T}
         for d in ("fwd", "bwd"):
             words = [corpus.words[i] for i in corpus.ids(B * T)]
-            out[f"{d}_chars"] = batch_to_ids([words[r * T:(r + 1) * T] for r in range(B)], C,
-                                             add_boundaries=False).to(device)
+            out[f"{d}_chars"] = batch_to_ids([words[r * T:(r + 1) * T] for r in range(B)],
+                                             C).to(device)
             out[f"{d}_targets"] = (torch.tensor(corpus.ids(B * T)) % V).reshape(B, T).to(device)
         return out
 

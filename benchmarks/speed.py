@@ -180,8 +180,8 @@ def bench_inference(name: str, corpus: Corpus, n_batches: int, n_ref: int, peaks
     model = BiLM(options).eval()
     fl = forward_flops(options)
     per_pos = sum(fl.values())
-    batches = [batch_to_ids(corpus.batch(4))] + [batch_to_ids(corpus.batch(64))
-                                                 for _ in range(n_batches)]
+    batches = [batch_to_ids(corpus.batch(4), add_boundaries=True)] + [
+        batch_to_ids(corpus.batch(64), add_boundaries=True) for _ in range(n_batches)]
     res = {"preset": name, "flops_per_position": per_pos, "flops_breakdown": fl}
 
     def run(fn, ids_list, autocast=False):
@@ -330,10 +330,9 @@ def bench_training(corpus: Corpus, n_steps: int, n_ref: int, B: int = 128, T: in
 
     def make_batch():
         words = [corpus.words[i] for i in corpus.ids(B * T)]
-        chars = batch_to_ids([words[r * T:(r + 1) * T] for r in range(B)], C, add_boundaries=False)
+        chars = batch_to_ids([words[r * T:(r + 1) * T] for r in range(B)], C)
         words_b = [corpus.words[i] for i in corpus.ids(B * T)]
-        bchars = batch_to_ids([words_b[r * T:(r + 1) * T] for r in range(B)], C,
-                              add_boundaries=False)
+        bchars = batch_to_ids([words_b[r * T:(r + 1) * T] for r in range(B)], C)
         return {"fwd_chars": chars, "bwd_chars": bchars,
                 "fwd_targets": torch.tensor(corpus.ids(B * T)).reshape(B, T),
                 "bwd_targets": torch.tensor(corpus.ids(B * T)).reshape(B, T), "n_tokens": B * T}

@@ -140,7 +140,7 @@ class Words:
         return self.wid[w]
 
     def char_table(self) -> torch.Tensor:
-        return batch_to_ids([self.words], add_boundaries=False)[0]  # (N, 50)
+        return batch_to_ids([self.words])[0]  # (N, 50)
 
 
 def packed_rows(sentences, words: Words, B: int, T: int, reverse: bool, rng: random.Random):
@@ -255,7 +255,7 @@ def _context_state(model: BiLM, contexts: list[list[list[str]]], d: int):
             seqs.append([t for s in ctx for t in ("<S>", *s)])
         else:
             seqs.append([t for s in reversed(ctx) for t in ("</S>", *reversed(s))])
-    ids = batch_to_ids(seqs, add_boundaries=False)
+    ids = batch_to_ids(seqs)
     valid = (ids > 0).any(dim=2)
     c0, h0 = model.zero_state(len(seqs))
     _, c, h = model.run_direction(d, model.char_cnn(ids) * valid.unsqueeze(2), valid, c0[d], h0[d])
@@ -286,7 +286,7 @@ def part_b(work: Path, n_sentences: int, seed: int = 0) -> dict:
 
     def score(batch, state):
         sents = [s for s, _, _ in batch]
-        ids = batch_to_ids(sents)
+        ids = batch_to_ids(sents, add_boundaries=True)
         out = model(ids, state)
         top = out["layers"][-1]
         nll_first, nll_3, nll_all, vecs = [], [], [], []

@@ -56,7 +56,8 @@ def test_perplexity_matches_an_independent_full_softmax_computation(vocab, tmp_p
 
     ids = [vocab.bos] + [vocab.word_to_id(t) for t in tokens] + [vocab.eos]
     with torch.no_grad():
-        top = lm.bilm(batch_to_ids([tokens], max_chars=12))["layers"][-1][0]   # (n+2, 2P)
+        chars = batch_to_ids([tokens], max_chars=12, add_boundaries=True)
+        top = lm.bilm(chars)["layers"][-1][0]                                 # (n+2, 2P)
         P = lm.bilm.proj_dim
         fwd = F.cross_entropy(top[:n + 1, :P] @ lm.softmax_W.t() + lm.softmax_b,
                               torch.tensor(ids[1:]))      # position i predicts token i+1

@@ -32,7 +32,7 @@ def test_load_save_load_identical_tensors_and_outputs(tiny_model, tmp_path):
     again = load_bilm(opts, weights)
     for (n1, p1), (n2, p2) in zip(tiny_model.state_dict().items(), again.state_dict().items()):
         assert n1 == n2 and torch.equal(p1, p2), n1
-    ids = batch_to_ids([["a", "round", "trip"], ["ok"]])
+    ids = batch_to_ids([["a", "round", "trip"], ["ok"]], add_boundaries=True)
     with torch.no_grad():
         for x, y in zip(tiny_model(ids)["layers"], again(ids)["layers"]):
             assert torch.equal(x, y)

@@ -78,7 +78,7 @@ def test_matches_independent_numpy_forward(tmp_path, skip):
         w = {}
         f.visititems(lambda n, o: w.__setitem__(n, o[...].astype(np.float64))
                      if isinstance(o, h5py.Dataset) else None)
-    ids = batch_to_ids(SENTENCES)
+    ids = batch_to_ids(SENTENCES, add_boundaries=True)
     with torch.no_grad():
         got = model(ids)["layers"]
     want = _numpy_elmo(w, options, ids.numpy())
@@ -101,10 +101,11 @@ def test_token_representation_is_position_independent(tiny_model):
     """Fixture README section B: a token encodes the same alone or in a sentence, and an explicit
     <S> / </S> token equals the automatically added boundary."""
     with torch.no_grad():
-        sent = tiny_model(batch_to_ids([["a", "plane", "flies"]]))["token_embedding"][0]
-        alone = tiny_model(batch_to_ids([["plane"]]))["token_embedding"][0]
-        bos = tiny_model(batch_to_ids([["<S>"]]))["token_embedding"][0]
-        eos = tiny_model(batch_to_ids([["</S>"]]))["token_embedding"][0]
+        sent = tiny_model(batch_to_ids([["a", "plane", "flies"]],
+                                       add_boundaries=True))["token_embedding"][0]
+        alone = tiny_model(batch_to_ids([["plane"]], add_boundaries=True))["token_embedding"][0]
+        bos = tiny_model(batch_to_ids([["<S>"]], add_boundaries=True))["token_embedding"][0]
+        eos = tiny_model(batch_to_ids([["</S>"]], add_boundaries=True))["token_embedding"][0]
     torch.testing.assert_close(sent[2], alone[1], rtol=0, atol=1e-6)
     torch.testing.assert_close(bos[1], bos[0], rtol=0, atol=0)
     torch.testing.assert_close(eos[1], eos[2], rtol=0, atol=0)
@@ -112,8 +113,8 @@ def test_token_representation_is_position_independent(tiny_model):
 
 def test_padding_positions_are_zero_and_rows_independent(tiny_model):
     with torch.no_grad():
-        both = tiny_model(batch_to_ids([["a", "b", "c", "d"], ["e"]]))
-        alone = tiny_model(batch_to_ids([["e"]]))
+        both = tiny_model(batch_to_ids([["a", "b", "c", "d"], ["e"]], add_boundaries=True))
+        alone = tiny_model(batch_to_ids([["e"]], add_boundaries=True))
     for l in range(3):
         assert both["layers"][l][1, 3:].abs().max() == 0
         torch.testing.assert_close(both["layers"][l][1, :3], alone["layers"][l][0], atol=1e-6, rtol=0)

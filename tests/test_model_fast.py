@@ -69,7 +69,7 @@ def _assert_dicts_close(got, want, atol=ATOL):
                                                      (True, 3, None), (False, 1, 3.0)])
 def test_fast_inference_equals_reference(skip, n_layers, cell_clip):
     model = _model(skip, n_layers, cell_clip)
-    ids = batch_to_ids(_batch())
+    ids = batch_to_ids(_batch(), add_boundaries=True)
     state = _random_state(model, ids.shape[0], 1)
     with torch.no_grad():
         want = reference_forward(model, ids, state)
@@ -89,7 +89,7 @@ def test_fast_inference_equals_reference(skip, n_layers, cell_clip):
 @pytest.mark.parametrize("lengths", [[7], [1, 1, 1], [4, 0, 2], [3, 3]])
 def test_fast_inference_lengths(lengths):
     model = _model()
-    ids = batch_to_ids(_batch(3, lengths))
+    ids = batch_to_ids(_batch(3, lengths), add_boundaries=True)
     with torch.no_grad():
         _assert_dicts_close(model(ids), reference_forward(model, ids))
 
@@ -99,7 +99,7 @@ def test_fast_inference_carried_state_over_batches():
     model = _model()
     state_fast = state_ref = None
     for k in range(3):
-        ids = batch_to_ids(_batch(k))
+        ids = batch_to_ids(_batch(k), add_boundaries=True)
         with torch.no_grad():
             got = model(ids, state_fast)
             want = reference_forward(model, ids, state_ref)
@@ -112,7 +112,7 @@ def test_empty_batch_and_token_embedding_input():
     with torch.no_grad():
         out = model(torch.zeros(0, 2, 50, dtype=torch.long))
         assert out["layers"][2].shape == (0, 2, 32) and out["state"][0].shape == (2, 2, 0, 64)
-        ids = batch_to_ids(_batch())
+        ids = batch_to_ids(_batch(), add_boundaries=True)
         want = model(ids)
         token = model.char_cnn(ids)
         got = model(token_embedding=token, mask=(ids > 0).any(-1))
@@ -121,7 +121,7 @@ def test_empty_batch_and_token_embedding_input():
 
 def test_bf16_autocast_runs_close_to_fp32():
     model = _model()
-    ids = batch_to_ids(_batch())
+    ids = batch_to_ids(_batch(), add_boundaries=True)
     with torch.no_grad():
         want = model(ids)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -137,7 +137,7 @@ def test_fp16_activation_path_runs_close_to_fp32(monkeypatch):
     path (fp16 weights and activations, fp32 cell state) runs on the CPU's fp16 kernels."""
     import torch_elmo.model as M
     model = _model()
-    ids = batch_to_ids(_batch())
+    ids = batch_to_ids(_batch(), add_boundaries=True)
     with torch.no_grad():
         want = model(ids)
         monkeypatch.setattr(M, "_inference_dtype", lambda device: torch.float16)
@@ -155,7 +155,7 @@ def test_directions_on_two_threads_equal_one_thread(bf16, monkeypatch):
     the caller's thread count is restored."""
     import torch_elmo.model as M
     model = _model()
-    ids = batch_to_ids(_batch(seed=3))
+    ids = batch_to_ids(_batch(seed=3), add_boundaries=True)
     state = _random_state(model, ids.shape[0], 1)
     calls = []
     real = M._infer_layer
@@ -218,7 +218,7 @@ def test_training_gradients_equal_reference(skip, cell_clip, proj_clip):
 def test_training_forward_equals_reference_with_grad():
     """BiLM.forward under autograd (the differentiable path) equals the reference too."""
     model = _model()
-    ids = batch_to_ids(_batch())
+    ids = batch_to_ids(_batch(), add_boundaries=True)
     state = _random_state(model, ids.shape[0], 2)
     got = model(ids, state)
     assert got["layers"][2].requires_grad
@@ -256,7 +256,8 @@ def test_char_cnn_dedup_and_trimmed_windows_exact(chunk, monkeypatch):
     model = _model(n_highway=1)
     model.train()
     cnn = model.char_cnn
-    ids = batch_to_ids(_batch(1) + [["ab" * 30, "<S>", "x"], ["q" * 46, "q" * 47]])
+    ids = batch_to_ids(_batch(1) + [["ab" * 30, "<S>", "x"], ["q" * 46, "q" * 47]],
+                       add_boundaries=True)
     g = torch.Generator().manual_seed(3)
     w = torch.randn(*ids.shape[:2], cnn.output_dim, generator=g)
     grads = []
@@ -275,7 +276,7 @@ def test_char_cnn_dedup_and_trimmed_windows_exact(chunk, monkeypatch):
 
 def test_inference_cache_follows_weight_updates_and_pickles():
     model = _model()
-    ids = batch_to_ids(_batch())
+    ids = batch_to_ids(_batch(), add_boundaries=True)
     with torch.no_grad():
         model(ids)                                  # fills the prepacked-weight cache
         model.forward_layers[1].state_weight.mul_(0.5)
@@ -295,7 +296,7 @@ def test_inference_cache_follows_weight_updates_and_pickles():
 
 def test_unique_rows():
     from torch_elmo.model import _unique_rows
-    ids = batch_to_ids(_batch(2)).reshape(-1, 50)
+    ids = batch_to_ids(_batch(2), add_boundaries=True).reshape(-1, 50)
     uniq, inverse = _unique_rows(ids)
     assert torch.equal(uniq[inverse], ids)
     assert uniq.shape[0] == torch.unique(ids, dim=0).shape[0]

@@ -89,7 +89,7 @@ def test_next_word_demo_reads_the_lm_as_training_does(tiny_bilm):
     assert 0 < cands["pen"][0] < 1 and 1 <= cands["pen"][1] <= len(vocab)
     # the same number through the training path: top_outputs on `<S> I am ... a` from warm state
     tokens = qs.NEXT_WORD_CONTEXT.split()
-    ids = batch_to_ids([tokens])[:, :-1]                   # (1, n+1, 50): <S> w1 .. wn
+    ids = batch_to_ids([tokens], add_boundaries=True)[:, :-1]  # (1, n+1, 50): <S> w1 .. wn
     c, h = warm_state(lm.bilm)
     with torch.no_grad():
         tops, _ = lm.top_outputs({"fwd_chars": ids, "bwd_chars": ids}, (c, h))

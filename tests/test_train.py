@@ -116,7 +116,7 @@ def test_export_round_trip_matches_elmo_embedder(tiny_runs, tmp_path):
     sentences = [["Neural", "language", "models", "."], ["The", "first", "sentence", "is", "long"]]
     got = elmo.embed_batch(sentences)
     with torch.no_grad():
-        out = lm.bilm.eval()(batch_to_ids(sentences, max_chars=10))
+        out = lm.bilm.eval()(batch_to_ids(sentences, max_chars=10, add_boundaries=True))
     layers = torch.stack(out["layers"]).numpy()
     for b, s in enumerate(sentences):
         assert got[b].shape == (3, len(s), 16)

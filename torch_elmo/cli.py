@@ -89,10 +89,15 @@ def _export_parser(p: argparse.ArgumentParser) -> None:
 
 def _embed_parser(p: argparse.ArgumentParser) -> None:
     from . import embed   # its state names (torch-heavy: only when `elmo embed` runs)
-    p.add_argument("--model", required=True,
+    p.add_argument("--model", default=None,
                    help="dir with options.json + weights.hdf5, or a pretrained name "
                         "(small, medium, original, original-5.5B; downloaded once, cached in "
-                        "$TORCH_ELMO_CACHE or ~/.cache/torch_elmo)")
+                        "$TORCH_ELMO_CACHE or ~/.cache/torch_elmo); or --options-file + "
+                        "--weight-file")
+    p.add_argument("--options-file", default=None,
+                   help="allennlp's form: options.json (with --weight-file, instead of --model)")
+    p.add_argument("--weight-file", default=None,
+                   help="allennlp's form: weights.hdf5 (with --options-file)")
     p.add_argument("--input", required=True,
                    help="UTF-8 text file, one whitespace-tokenized sentence a line (dataset "
                         "'i' = line i; bytes that are not UTF-8 become U+FFFD, with a warning "
@@ -109,6 +114,10 @@ def _embed_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=embed.DEFAULT_MAX_TOKENS,
                    help="longer lines are embedded in overlapping windows and rejoined "
                         "(0 = no limit; default %(default)s)")
+    p.add_argument("--use-sentence-keys", action="store_true",
+                   help="name each dataset by its line's text (lines unique and non-empty)")
+    p.add_argument("--forget-sentences", action="store_true",
+                   help="do not write sentence_to_index")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true")
 
@@ -395,8 +404,41 @@ def cmd_export(args) -> int:
 
 
 def cmd_embed(args) -> int:
-    from . import embed
-    return embed.cli_embed(args)
+    """The model is `--model`, or allennlp's `--options-file` + `--weight-file`;
+    `--use-sentence-keys` and `--forget-sentences` as allennlp's `elmo` command."""
+    from .embed import DEFAULT_STATE, ElmoEmbedder, check_state
+    from .hub import resolve_model
+    from .outputs import check_output
+    model = getattr(args, "model", None)
+    options_file = getattr(args, "options_file", None)
+    weight_file = getattr(args, "weight_file", None)
+    if model is not None and (options_file or weight_file):
+        raise ElmoError("give --model or --options-file + --weight-file, not both")
+    if model is None and not (options_file and weight_file):
+        raise ElmoError("give --model, or both --options-file and --weight-file")
+    at_least("--batch-size", args.batch_size, 1)
+    at_least("--max-tokens", args.max_tokens, 0)
+    if not os.path.isfile(args.input):
+        raise ElmoError(f"--input {args.input}: " + ("is a directory, expected a text file"
+                        if os.path.isdir(args.input) else "input file not found"))
+    check_output(args.output, "--output", [args.input, options_file, weight_file])
+    state = check_state(args.state or DEFAULT_STATE)
+    device = resolve_device(args.device)
+    files = resolve_model(model) if model is not None else (options_file, weight_file)
+    embedder = ElmoEmbedder(*files, state=state, device=device, max_batch_size=args.batch_size)
+    with warnings_as_lines("embed"):
+        n = embedder.embed_file(args.input, args.output, layers=args.layers,
+                                batch_size=args.batch_size,
+                                forget_sentences=getattr(args, "forget_sentences", False),
+                                use_sentence_keys=getattr(args, "use_sentence_keys", False),
+                                dtype=args.dtype,
+                                max_tokens=None if args.max_tokens == 0 else args.max_tokens,
+                                warn=lambda msg: print(f"elmo embed: warning: {msg}",
+                                                       file=sys.stderr),
+                                progress=False if args.no_progress else None)
+    print(f"embedded {n} lines -> {args.output} ({args.layers}, {args.dtype}, state {state})",
+          file=sys.stderr)
+    return 0
 
 
 def cmd_classify(args) -> int:

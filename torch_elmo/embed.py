@@ -667,34 +667,3 @@ def embed_file(embedder: ElmoEmbedder, input_file, output_file: str | os.PathLik
         if not (forget_sentences or use_sentence_keys):
             write_sentence_index(fout, lines)
     return len(lines)
-
-
-def cli_embed(args) -> int:
-    """`elmo embed`: see cli._embed_parser. The model is `--model`, or allennlp's
-    `--options-file` + `--weight-file`; `--use-sentence-keys` and `--forget-sentences` as
-    allennlp's `elmo` command."""
-    state = check_state(args.state or DEFAULT_STATE)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = getattr(args, "model", None)
-    options_file = getattr(args, "options_file", None)
-    weight_file = getattr(args, "weight_file", None)
-    if model is not None and (options_file or weight_file):
-        raise ElmoError("give --model or --options-file + --weight-file, not both")
-    if model is None and not (options_file and weight_file):
-        raise ElmoError("give --model, or both --options-file and --weight-file")
-    files = resolve_model(model) if model is not None else (options_file, weight_file)
-    embedder = ElmoEmbedder(*files, state=state, device=device, max_batch_size=args.batch_size)
-
-    def warn(msg: str) -> None:
-        print(f"elmo embed: warning: {msg}", file=sys.stderr)
-
-    n = embedder.embed_file(args.input, args.output, layers=args.layers,
-                            batch_size=args.batch_size,
-                            forget_sentences=getattr(args, "forget_sentences", False),
-                            use_sentence_keys=getattr(args, "use_sentence_keys", False),
-                            dtype=args.dtype,
-                            max_tokens=None if args.max_tokens == 0 else args.max_tokens,
-                            warn=warn, progress=False if args.no_progress else None)
-    print(f"embedded {n} lines -> {args.output} ({args.layers}, {args.dtype}, state {state})",
-          file=sys.stderr)
-    return 0

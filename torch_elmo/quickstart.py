@@ -202,7 +202,8 @@ def next_word_demo(lm, vocab, context: str = NEXT_WORD_CONTEXT,
     from .embed import warm_state
     tokens = context.split()
     bilm = lm.bilm
-    ids = batch_to_ids([tokens], bilm.options.char_cnn.max_characters_per_token)[:, :-1]
+    ids = batch_to_ids([tokens], bilm.options.char_cnn.max_characters_per_token,
+                      add_boundaries=True)[:, :-1]
     with torch.no_grad():
         x = bilm.char_cnn(ids.to(lm.softmax_W.device))          # (1, n+1, P): <S> w1 .. wn
         valid = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
