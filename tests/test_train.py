@@ -594,3 +594,18 @@ def test_state_reset_prob_changes_training_resumes_exactly_and_is_validated(tmp_
     rc, _, err = _run_cli(capsys, _cli_train(data_file, vocab_f, str(tmp / "r"), opts_f,
                                              "--state-reset-prob", "1.5"))
     assert rc == 2 and "state_reset_prob must be in [0, 1)" in _error_line(err)
+
+
+def test_two_runs_into_one_save_dir_the_second_refuses(capsys, corpus):
+    from torch_elmo.checkpoint import lock_run_dir
+    tmp, data_file, vocab, opts = corpus
+    run = tmp / "locked"
+    lock = lock_run_dir(str(run))               # as a running `elmo train` holds it
+    try:
+        rc, _, err = _run_cli(capsys, _cli_train(data_file, vocab, str(run), opts, "--max-tokens", "40"))
+        assert rc == 2 and "in use by another `elmo train`" in _error_line(err)
+        assert not (run / "checkpoint.pt").exists() and not (run / "metrics.jsonl").exists()
+    finally:
+        lock.close()
+    rc, _, err = _run_cli(capsys, _cli_train(data_file, vocab, str(run), opts, "--max-tokens", "40"))
+    assert rc == 0, err

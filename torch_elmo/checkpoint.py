@@ -9,6 +9,7 @@ directory, an exported model directory or a weights.hdf5).
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -33,6 +34,27 @@ CHECKPOINT_FORMAT = 1
 # Options keys that change the trajectory of a run: --resume refuses if any differs. n_epochs and
 # n_train_tokens only decide when to stop, so a resumed run may extend them (bilm-tf restart.py).
 STOPPING_KEYS = ("n_epochs", "n_train_tokens")
+LOCK = ".elmo-train.lock"
+
+
+def lock_run_dir(save_dir: str):
+    """Hold `save_dir/.elmo-train.lock` (an flock, released when the process ends, also when it is
+    killed) for the life of a run; a second run into the same directory is refused at once."""
+    os.makedirs(save_dir, exist_ok=True)
+    f = open(os.path.join(save_dir, LOCK), "a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise ElmoError(f"--save-dir {save_dir} is in use by another `elmo train` ({holder}); "
+                        f"wait for it to finish or choose another --save-dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()}\n")
+    f.flush()
+    return f
 
 
 def vocab_fingerprint(vocab: Vocabulary) -> str:

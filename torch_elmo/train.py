@@ -135,6 +135,7 @@ class Run:
     window: dict = field(default_factory=lambda: {"loss": 0.0, "n": 0, "tokens": 0, "time": 0.0})
     metrics: list = field(default_factory=list)
     resumed: bool = False
+    lock: object = None                  # the save_dir lock (rank 0), held until the run ends
 
     @property
     def is_main(self) -> bool:
@@ -226,12 +227,24 @@ def restore(run: Run, ckpt: dict, reshard: bool, log) -> None:
             f"counters kept")
 
 
-def start_run(options: Options, vocab: Vocabulary, train_files: list[str], save_dir: str, *,
+def start_run(options: Options, vocab: Vocabulary, train_files: list[str], save_dir: str,
+              **kw) -> tuple[Run, bool]:
+    """A new, resumed or initialised run, planned and on its device, holding the save_dir lock
+    (rank 0); (run, counted). The lock is let go if setting up fails."""
+    lock = ck.lock_run_dir(save_dir) if kw["rank"] == 0 else None   # before anything is read
+    try:
+        return build_run(options, vocab, train_files, save_dir, lock=lock, **kw)
+    except BaseException:
+        if lock is not None:
+            lock.close()
+        raise
+
+
+def build_run(options: Options, vocab: Vocabulary, train_files: list[str], save_dir: str, *,
               epochs: Optional[float], n_train_tokens: Optional[int], max_tokens, max_time,
               seed: int, resume: bool, init_from_path: Optional[str], device: torch.device,
               rank: int, world_size: int, vocab_path: Optional[str], emulate: int,
-              log) -> tuple[Run, bool]:
-    """A new, resumed or initialised run, planned and on its device; (run, counted)."""
+              log, lock=None) -> tuple[Run, bool]:
     if emulate > 1 and (world_size > 1 or options.batch_size % emulate):
         raise ElmoError("_emulate_world_size needs one process and a batch divisible by it")
     V = len(vocab)
@@ -262,7 +275,7 @@ def start_run(options: Options, vocab: Vocabulary, train_files: list[str], save_
     run = Run(options=options, vocab=vocab, lm=None, optimizer=None, sampler=None, stream=stream,
               state=None, device=device, save_dir=save_dir, train_files=train_files, seed=seed,
               rank=rank, world_size=world_size, vocab_path=vocab_path, epochs=float(epochs),
-              data_seed=data_seed,
+              data_seed=data_seed, lock=lock,
               step_offset=int(ckpt["run"].get("step_offset", 0)) if ckpt is not None else 0)
     counted = plan_run(run, n_train_tokens, ckpt, reshard, max_tokens, max_time)
     options = run.options
@@ -422,13 +435,30 @@ def train(options: Options, vocab: Vocabulary, train_files: list[str], save_dir:
     is the per-rank batch. `_emulate_world_size=k` (tests, one process): the batch is built from
     the k rank streams of a k-process run, so one process reproduces a k-process run."""
     device = torch.device(device)
-    bar = None
-    log = lambda msg: (bar.write if bar is not None else print)(msg) if rank == 0 else None  # noqa: E731
+    log = print if rank == 0 else (lambda msg: None)
     run, counted = start_run(options, vocab, train_files, save_dir, epochs=epochs,
                              n_train_tokens=n_train_tokens, max_tokens=max_tokens,
                              max_time=max_time, seed=seed, resume=resume, init_from_path=init_from,
                              device=device, rank=rank, world_size=world_size,
                              vocab_path=vocab_path, emulate=int(_emulate_world_size), log=log)
+    try:
+        return loop(run, counted, heldout_files=heldout_files, max_tokens=max_tokens,
+                    max_time=max_time, log_every=log_every, eval_every=eval_every,
+                    checkpoint_every=checkpoint_every, heldout_batch_size=heldout_batch_size,
+                    heldout_max_batches=heldout_max_batches, bf16=bf16, progress=progress)
+    finally:
+        if run.lock is not None:
+            run.lock.close()
+
+
+def loop(run: Run, counted: bool, *, heldout_files, max_tokens, max_time, log_every: int,
+         eval_every: int, checkpoint_every: int, heldout_batch_size: int, heldout_max_batches,
+         bf16: bool, progress: bool) -> dict:
+    """The training loop of `train`, from the run's current step to its stop."""
+    device, rank, world_size, save_dir, vocab = (run.device, run.rank, run.world_size,
+                                                 run.save_dir, run.vocab)
+    bar = None
+    log = lambda msg: (bar.write if bar is not None else print)(msg)  # noqa: E731 (rank 0 only)
     lm, o, params, dist_on = run.lm, run.options, run.params, world_size > 1
     T, n_samples = o.unroll_steps, o.n_negative_samples_batch
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
