@@ -609,3 +609,37 @@ def test_two_runs_into_one_save_dir_the_second_refuses(capsys, corpus):
         lock.close()
     rc, _, err = _run_cli(capsys, _cli_train(data_file, vocab, str(run), opts, "--max-tokens", "40"))
     assert rc == 0, err
+
+
+def test_fast_recipe_schedule_and_optimizer():
+    from torch_elmo.config import preset
+    from torch_elmo.train import learning_rate_at, recipe_optimizer
+    base = preset("tiny")
+    assert learning_rate_at(base, 0, 0.0) == learning_rate_at(base, 10**6, 1.0) == 0.2
+    fast = base.replace(recipe="fast", learning_rate=6e-3)
+    assert math.isclose(learning_rate_at(fast, 0, 0.0), 6e-3 / 100)          # warm-up
+    assert math.isclose(learning_rate_at(fast, 99, 0.0), 6e-3)
+    assert math.isclose(learning_rate_at(fast, 500, 0.5), 6e-3 * (0.1 + 0.9 * 0.5))
+    assert math.isclose(learning_rate_at(fast, 900, 1.0), 6e-4)               # final fraction
+    p = [torch.nn.Parameter(torch.ones(2))]
+    assert isinstance(recipe_optimizer(p, fast), torch.optim.AdamW)
+    assert isinstance(recipe_optimizer(p, base), torch.optim.Adagrad)
+
+
+def test_fast_recipe_trains_resumes_and_keeps_its_recipe(capsys, corpus):
+    tmp, data_file, vocab, opts = corpus
+    run = str(tmp / "fast")
+    rc, out, err = _run_cli(capsys, _cli_train(data_file, vocab, run, opts, "--recipe", "fast",
+                                               "--max-tokens", "200"))
+    assert rc == 0, err
+    ck = load_checkpoint(run)
+    saved = json.loads(ck["options"])
+    assert saved["recipe"] == "fast" and saved["learning_rate"] == 6e-3
+    assert "exp_avg" in str(ck["optimizer"]["state"][0].keys())               # AdamW moments
+    rc, out, err = _run_cli(capsys, _cli_train(data_file, vocab, run, opts, "--resume",
+                                               "--max-tokens", "400"))
+    assert rc == 0, err
+    assert json.loads(load_checkpoint(run)["options"])["recipe"] == "fast"
+    rc, out, err = _run_cli(capsys, _cli_train(data_file, vocab, run, opts, "--resume",
+                                               "--recipe", "bilm-tf", "--max-tokens", "600"))
+    assert rc == 2 and "recipe" in _error_line(err)

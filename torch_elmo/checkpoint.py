@@ -178,7 +178,8 @@ def check_resume_compatible(ckpt: dict, options: Options, vocab: Vocabulary, see
         v = ckpt["vocab"]
         raise ElmoError(f"--resume: vocabulary {vocab.source} ({len(vocab)} tokens) differs from "
                         f"the checkpoint's ({v['path']}, {v['size']} tokens)")
-    diff = options_diff(training_options_dict(options), json.loads(ckpt["options"]))
+    saved = training_options_dict(checkpoint_options(ckpt, path))   # keys added since: defaults
+    diff = options_diff(training_options_dict(options), saved)
     if diff:
         raise ElmoError(f"--resume: options differ from {path}: {'; '.join(diff)}")
     run = ckpt["run"]

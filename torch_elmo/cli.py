@@ -16,7 +16,7 @@ import warnings
 from contextlib import contextmanager
 from typing import Callable, Iterator, Optional
 
-from .config import PRESETS, ElmoError, Options, preset, read_options
+from .config import PRESETS, RECIPES, ElmoError, Options, preset, read_options
 
 
 def _vocab_parser(p: argparse.ArgumentParser) -> None:
@@ -43,7 +43,11 @@ def _train_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--unroll-steps", type=int, default=None)
     p.add_argument("--n-negative-samples", type=int, default=None)
-    p.add_argument("--learning-rate", type=float, default=None)
+    p.add_argument("--recipe", choices=list(RECIPES), default=None,
+                   help="training procedure: bilm-tf (default: its recipe exactly) or fast "
+                        "(AdamW, warm-up, cosine decay over the run's horizon; README)")
+    p.add_argument("--learning-rate", type=float, default=None,
+                   help="default: the recipe's (bilm-tf 0.2, fast 6e-3)")
     p.add_argument("--clip-norm", type=float, default=None)
     p.add_argument("--dropout", type=float, default=None)
     p.add_argument("--state-reset-prob", type=float, default=None,
@@ -259,6 +263,13 @@ def options_from_args(args, base: Optional[Options] = None) -> Options:
                  "learning_rate": args.learning_rate, "all_clip_norm_val": args.clip_norm,
                  "dropout": args.dropout,
                  "state_reset_prob": getattr(args, "state_reset_prob", None)}
+    recipe = getattr(args, "recipe", None)
+    if recipe is None and base is not None and base.recipe != options.recipe:
+        # --resume keeps the run's recipe (and its learning rate) unless told otherwise
+        options = options.replace(recipe=base.recipe, learning_rate=base.learning_rate)
+    elif recipe is not None and recipe != options.recipe:
+        options = options.replace(recipe=recipe, learning_rate=RECIPES[recipe].get(
+            "learning_rate", Options.learning_rate))
     options = options.replace(**{k: v for k, v in overrides.items() if v is not None})
     for k in ("batch_size", "unroll_steps", "n_negative_samples_batch"):
         if getattr(options, k) < 1:

@@ -92,6 +92,8 @@ class Options:
     # embedding start from. Without it a small model trained on WikiText-2 can fall from the
     # zero state into a saturated, absorbing LSTM state (held-out perplexity in the 10^4s).
     state_reset_prob: float = 0.0
+    # Not in bilm-tf: the training procedure, "bilm-tf" (its recipe, exactly) or "fast" (RECIPES).
+    recipe: str = "bilm-tf"
 
     # ----------------------------------------------------------------------------- conversion
     def to_dict(self, inference: bool = False) -> dict:
@@ -148,6 +150,9 @@ class Options:
             raise ElmoError(f"{source}: lstm.projection_dim ({lstm_o.projection_dim}) must be smaller "
                             f"than lstm.dim ({lstm_o.dim}); cells without projection are not supported")
         o = cls(lstm=lstm_o, char_cnn=cnn_o)
+        if d.get("recipe", "bilm-tf") not in RECIPES:
+            raise ElmoError(f"{source}: recipe must be one of {', '.join(RECIPES)}, "
+                            f"got {d.get('recipe')!r}")
         if d.get("share_embedding_softmax"):
             raise ElmoError(f"{source}: share_embedding_softmax needs word inputs; "
                             "torch_elmo models read characters")
@@ -217,6 +222,21 @@ def write_options(options: Options, path: str | os.PathLike, inference: bool = F
     with atomic_text(path) as f:
         json.dump(options.to_dict(inference=inference), f, indent=2)
         f.write("\n")
+
+
+# ------------------------------------------------------------------------------------- recipes
+# How a run trains (the architecture and data are the same): the optimizer and its schedule.
+# "bilm-tf" is its train_elmo.py exactly (Adagrad, accumulator 1.0, constant learning rate, the
+# learning_rate option). "fast": AdamW with a linear warm-up and a cosine decay to
+# final_lr_fraction over the run's horizon (its planned updates, or --max-tokens / --max-time,
+# whichever ends first); learning_rate is the recipe's unless given; the softmax gradient is
+# dense (AdamW keeps no sparse state). Measured in benchmarks/recipes.py.
+RECIPES: dict[str, dict] = {
+    "bilm-tf": {"optimizer": "adagrad", "schedule": "constant"},
+    "fast": {"optimizer": "adamw", "learning_rate": 6e-3, "betas": (0.9, 0.98), "eps": 1e-8,
+             "weight_decay": 0.0, "warmup_steps": 100, "schedule": "cosine",
+             "final_lr_fraction": 0.1},
+}
 
 
 # ------------------------------------------------------------------------------------- presets

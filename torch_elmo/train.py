@@ -1,9 +1,11 @@
-"""Training: bilm-tf's recipe (train_elmo.py, restart.py): the optimizer, clipping, the plan, the loop.
+"""Training: the optimizer of each recipe, clipping, the plan, and the loop (bilm-tf's train_elmo.py
+and restart.py by default; `recipe: fast` is ours, config.RECIPES).
 
 One step (per batch of B rows x T = unroll_steps positions, both directions; lm.py has the loss):
 
     loss = LanguageModel.training_loss(batch, carried state)     # 0.5 * (fwd mean + bwd mean)
     backward(loss * T);  [all-reduce over ranks];  clip global norm;  Adagrad(lr, acc 1.0)
+                                                             (fast: AdamW, warm-up + cosine lr)
 
 The carried LSTM state is detached after every batch (truncated BPTT). Updates = epochs x
 floor(n_train_tokens / (B x T x world_size)); --max-tokens / --max-time stop earlier. `train()`
@@ -29,7 +31,7 @@ import numpy as np
 import torch
 
 from . import checkpoint as ck
-from .config import ElmoError, Options
+from .config import RECIPES, ElmoError, Options
 from .data import LMBatchStream
 from .distributed import ConcatStreams, all_reduce_gradients, collective
 from .evaluate import perplexity
@@ -47,6 +49,28 @@ def make_optimizer(params, learning_rate: float) -> torch.optim.Optimizer:
     # saying so explicitly silences the per-process warning about it
     torch.sparse.check_sparse_tensor_invariants.disable()
     return torch.optim.Adagrad(params, lr=learning_rate, initial_accumulator_value=1.0, eps=0.0)
+
+
+def recipe_optimizer(params, options: Options) -> torch.optim.Optimizer:
+    """The optimizer of options.recipe: bilm-tf's Adagrad, or the fast recipe's AdamW."""
+    r = RECIPES[options.recipe]
+    if r["optimizer"] == "adagrad":
+        return make_optimizer(params, options.learning_rate)
+    return torch.optim.AdamW(params, lr=options.learning_rate, betas=r["betas"], eps=r["eps"],
+                             weight_decay=r["weight_decay"])
+
+
+def learning_rate_at(options: Options, step: int, progress: float) -> float:
+    """The learning rate of update `step` (0-based) at `progress` (0..1, the fraction of the run's
+    horizon done): constant for bilm-tf; linear warm-up then cosine decay for the fast recipe."""
+    r = RECIPES[options.recipe]
+    lr = options.learning_rate
+    if r["schedule"] == "constant":
+        return lr
+    if step < r["warmup_steps"]:
+        return lr * (step + 1) / r["warmup_steps"]
+    final = r["final_lr_fraction"]
+    return lr * (final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))))
 
 
 def clip_by_global_norm(params: list[torch.Tensor], clip_norm: float) -> float:
@@ -282,11 +306,13 @@ def build_run(options: Options, vocab: Vocabulary, train_files: list[str], save_
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)
-    run.lm = lm = LanguageModel(options, V)
+    # the sparse softmax gradient is for Adagrad (AdamW keeps dense moments of every row)
+    sparse = RECIPES[options.recipe]["optimizer"] == "adagrad"
+    run.lm = lm = LanguageModel(options, V, sparse_softmax=sparse)
     if init_from_path is not None and ckpt is None:
         init_from(run, init_from_path, log)
     lm.to(device)
-    run.optimizer = make_optimizer(run.params, options.learning_rate)
+    run.optimizer = recipe_optimizer(run.params, options)
     n_samples = options.n_negative_samples_batch
     if options.sample_softmax:
         if n_samples >= V:
@@ -382,6 +408,17 @@ def stop_reason(run: Run, max_tokens, max_time, check_time: bool = True) -> Opti
     return None
 
 
+def horizon_done(run: Run, max_tokens, max_time) -> float:
+    """The fraction of the run's horizon done: its planned updates, or --max-tokens / --max-time,
+    whichever ends first (the fast recipe's schedule follows it)."""
+    parts = [run.step / run.total_steps] if run.total_steps not in (0, sys.maxsize) else []
+    if max_tokens is not None:
+        parts.append(run.tokens / max_tokens)
+    if max_time is not None:
+        parts.append(run.elapsed / max_time)
+    return max(parts) if parts else 0.0
+
+
 def log_record(run: Run) -> tuple[dict, str]:
     """The metrics record and log line of the window since the last one (then reset)."""
     w = run.window
@@ -461,6 +498,7 @@ def loop(run: Run, counted: bool, *, heldout_files, max_tokens, max_time, log_ev
     log = lambda msg: (bar.write if bar is not None else print)(msg)  # noqa: E731 (rank 0 only)
     lm, o, params, dist_on = run.lm, run.options, run.params, world_size > 1
     T, n_samples = o.unroll_steps, o.n_negative_samples_batch
+    scheduled = RECIPES[o.recipe]["schedule"] != "constant"
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
     if heldout_files is not None and run.is_main:   # fail now, not after hours of training
         if heldout_stream(run, heldout_files, heldout_batch_size).next_batch() is None:
@@ -505,13 +543,18 @@ def loop(run: Run, counted: bool, *, heldout_files, max_tokens, max_time, log_ev
                 run.optimizer.zero_grad(set_to_none=True)
                 (loss * T).backward()
                 # the one place ranks meet: gradients, the loss and the stop flags in one message
-                # [loss, rank 0's clock ran out, some rank saw Ctrl-C]
+                # [loss, rank 0's clock ran out, some rank saw Ctrl-C, rank 0's progress]
                 out_of_time = (run.is_main and max_time is not None
                                and run.elapsed + time.perf_counter() - t_last >= max_time)
-                extra = torch.tensor([float(loss.detach()), float(out_of_time), float(sigint.set)],
-                                     dtype=torch.float64)
+                done = horizon_done(run, max_tokens, max_time) if run.is_main else 0.0
+                extra = torch.tensor([float(loss.detach()), float(out_of_time), float(sigint.set),
+                                      done], dtype=torch.float64)
                 if dist_on:
                     extra = collective(rank, lambda: all_reduce_gradients(params, world_size, extra))
+                    done = float(extra[3]) * world_size   # rank 0's: the same lr on every rank
+                if scheduled:
+                    for group in run.optimizer.param_groups:
+                        group["lr"] = learning_rate_at(o, run.step, done)
                 clip_by_global_norm(params, o.all_clip_norm_val)
                 run.optimizer.step()
                 run.step += 1
