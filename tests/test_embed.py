@@ -216,3 +216,23 @@ def test_interrupted_embedding_leaves_no_output(fixture_model_dir, tmp_path, mon
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "out.hdf5"]
     with pytest.raises(ElmoError, match="layers must be"):
         embed_file(emb, tmp_path / "in.txt", out, layers="middle")
+
+
+def test_embed_output_follows_the_umask_and_stale_temporaries_go(tmp_path, tiny_model):
+    import os
+    import subprocess
+    import sys
+    from torch_elmo import ElmoEmbedder
+    inp = tmp_path / "in.txt"
+    inp.write_text("a b\nc\n")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    stale = tmp_path / f".out.hdf5.{dead}.x1.tmp"           # left by a killed embed
+    stale.write_bytes(b"x" * 1000)
+    old = os.umask(0o022)
+    try:
+        ElmoEmbedder(model=tiny_model).embed_file(str(inp), str(tmp_path / "out.hdf5"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out.hdf5").stat().st_mode & 0o777 == 0o644
+    assert not stale.exists()

@@ -60,7 +60,7 @@ def test_hub_call_forms_agree(fixture_model_dir):
 
 
 def test_hub_mix_is_trainable_and_bilm_frozen(fixture_model_dir):
-    elmo = load(fixture_model_dir)
+    elmo = load(fixture_model_dir).train()       # load() is in eval mode: plain tensors out
     out = elmo(["the cat sat"])
     out["elmo"].sum().backward()
     assert all(w.grad is not None for w in elmo.scalar_mix.scalar_parameters)
@@ -162,3 +162,30 @@ def test_load_errors_are_one_line(tmp_path, fixture_model_dir):
     (tmp_path / "m" / "options.json").write_text('{"lstm": {"dim": 64,')
     with pytest.raises(ElmoError, match="not valid JSON"):
         load(tmp_path / "m")
+
+
+def test_hub_outputs_are_plain_tensors_unless_training(tmp_path, tiny_model):
+    import torch_elmo
+    from torch_elmo import export_model
+    export_model(tiny_model, tmp_path / "m")
+    m = torch_elmo.load(tmp_path / "m")
+    out = m(["a b c"])
+    out["elmo"].numpy()                                     # no "requires grad" error
+    assert not any(v.requires_grad for v in out.values() if torch.is_tensor(v))
+    m.train()                                               # training the scalar mix
+    assert m(["a b c"])["elmo"].requires_grad
+
+
+def test_cuda_requests_without_cuda_are_one_line(tmp_path, tiny_model):
+    import pytest
+    import torch_elmo
+    from torch_elmo import ElmoEmbedder, ElmoError, export_model
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    export_model(tiny_model, tmp_path / "m")
+    with pytest.raises(ElmoError, match=r"^device= cuda: CUDA is not available on this machine"):
+        torch_elmo.load(tmp_path / "m", device="cuda")
+    with pytest.raises(ElmoError, match=r"CUDA is not available"):
+        ElmoEmbedder(str(tmp_path / "m"), device="cuda")
+    with pytest.raises(ElmoError, match=r"^cuda_device cuda:0: CUDA is not available"):
+        ElmoEmbedder(str(tmp_path / "m"), None, 0)

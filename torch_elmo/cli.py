@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from typing import Callable, Iterator, Optional
 
 from .config import PRESETS, RECIPES, ElmoError, Options, preset, read_options
+from .device import resolve_device
 
 
 def _vocab_parser(p: argparse.ArgumentParser) -> None:
@@ -176,25 +177,6 @@ def _quickstart_parser(p: argparse.ArgumentParser) -> None:
 
 
 # ============================================================================ shared by handlers
-def resolve_device(name: Optional[str], flag: str = "--device", default: Optional[str] = None):
-    """THE device policy: `name` (cpu, cuda, cuda:1, or a torch.device), else `default`, else cuda
-    when available. A CUDA request on a machine without CUDA is one line."""
-    import torch
-    name = name if name is not None else default
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise ElmoError(f"{flag} {name}: not a device (cpu, cuda, cuda:1)") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ElmoError(f"{flag} {name}: CUDA is not available on this machine (use cpu)")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ElmoError(f"{flag} {name}: this machine has {torch.cuda.device_count()} GPU(s)")
-    return dev
-
-
 def one_line_warnings(command: str):
     """Show warnings as `elmo <command>: warning: ...` single lines on stderr."""
     def show(message, category, filename, lineno, file=None, line=None):

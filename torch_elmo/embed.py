@@ -29,7 +29,6 @@ import itertools
 import json
 import os
 import sys
-import tempfile
 import warnings
 import weakref
 from contextlib import contextmanager
@@ -44,7 +43,9 @@ from tqdm import tqdm
 
 from .chars import BOS_TOKEN, EOS_TOKEN, batch_to_ids, char_ids
 from .config import ElmoError
+from .device import resolve_device
 from .export import load_bilm
+from .outputs import atomic_path
 from .hub import resolve_model
 from .model import BiLM, RowStateBuffer
 from .textio import read_lines
@@ -378,7 +379,7 @@ class ElmoEmbedder:
                  token_cache: Optional[TokenEmbeddingCache] = None,
                  initial: Optional[InitialState] = None):
         check_state(state)
-        device = resolve_device(cuda_device, device)
+        device = allennlp_device(cuda_device, device)
         if options_file is None and model is None:
             options_file = DEFAULT_PRETRAINED
         self.model = resolve_bilm(options_file, weight_file, model)
@@ -453,17 +454,17 @@ class ElmoEmbedder:
                           progress=progress, warn=warn)
 
 
-def resolve_device(cuda_device, device: Optional[str | torch.device]) -> str | torch.device:
+def allennlp_device(cuda_device, device: Optional[str | torch.device]) -> torch.device:
     """allennlp's `cuda_device` (-1 = CPU, k = cuda:k) or our `device=` -> one torch device."""
     if not isinstance(cuda_device, int):
         raise ElmoError(f"the third argument of ElmoEmbedder is cuda_device (an int, -1 = CPU, as "
                         f"allennlp's), got {cuda_device!r}; pass state= and device= by keyword")
     if device is None:
-        return f"cuda:{cuda_device}" if cuda_device >= 0 else "cpu"
-    dev = torch.device(device)
+        return resolve_device(f"cuda:{cuda_device}" if cuda_device >= 0 else "cpu", "cuda_device")
+    dev = resolve_device(device, "device=")
     if cuda_device >= 0 and (dev.type, dev.index or 0) != ("cuda", cuda_device):
         raise ElmoError(f"cuda_device={cuda_device} and device={device!r} disagree; give one")
-    return device
+    return dev
 
 
 # ---------------------------------------------------------------------------------- batching
@@ -559,24 +560,14 @@ def reduce_layers(emb: np.ndarray, layers: str) -> np.ndarray:
 @contextmanager
 def atomic_hdf5(output_file: str) -> Iterator[h5py.File]:
     """An HDF5 file opened on a temp file beside `output_file`, renamed onto it when the block
-    ends normally and deleted when it raises (Ctrl-C included): never a half-written output."""
+    ends normally and deleted when it raises (Ctrl-C included): never a half-written output
+    (outputs.atomic_path: the umask's permissions, a killed run's temp file removed next time)."""
     out_dir = os.path.dirname(os.path.abspath(output_file))
     if not os.path.isdir(out_dir):
         raise ElmoError(f"{output_file}: folder {out_dir} does not exist")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(output_file)}.", suffix=".tmp",
-                                   dir=out_dir)
-    except OSError as e:
-        raise ElmoError(f"{output_file}: cannot write in {out_dir} ({e.strerror})") from None
-    os.close(fd)
-    try:
+    with atomic_path(output_file) as tmp:
         with h5py.File(tmp, "w") as f:
             yield f
-        os.replace(tmp, output_file)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_sentence_index(fout: h5py.File, lines: Sequence[str]) -> None:

@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from .chars import BOS_TOKEN, EOS_TOKEN, batch_to_ids
 from .config import ElmoError
+from .device import resolve_device
 from .embed import (DEFAULT_STATE, ElmoEmbedder, InitialState, TokenEmbeddingCache, check_batch,
                     check_char_ids, check_state, device_of, remove_sentence_boundaries,
                     resolve_bilm, run_bilm, run_bilm_ids)
@@ -347,7 +348,9 @@ class ElmoModel(nn.Module):
         # over the real tokens only; allennlp's Elmo below includes <S>/</S> in them)
         stripped = [remove_sentence_boundaries(x, out["mask"]) for x in out["layers"]]
         layers, mask = [x for x, _ in stripped], stripped[0][1]
-        elmo = self.scalar_mix(layers, mask) * mask.unsqueeze(2).to(layers[0].dtype)
+        # plain tensors unless something is being trained (the mix in train mode, or the biLM)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and (self.training or self.requires_grad)):
+            elmo = self.scalar_mix(layers, mask) * mask.unsqueeze(2).to(layers[0].dtype)
         lengths = mask.sum(dim=1)
         default = elmo.sum(dim=1) / lengths.clamp(min=1).unsqueeze(1).to(elmo.dtype)
         P = self.bilm.proj_dim
@@ -430,5 +433,5 @@ def load(model: Union[str, os.PathLike, BiLM], state: str = DEFAULT_STATE,
         bilm = load_bilm(*resolve_model(model, progress=progress))
     if bilm.n_dirs != 2:
         raise ElmoError(f"{model}: ELMo embeddings need a bidirectional model")
-    out = ElmoModel(bilm, state, requires_grad, do_layer_norm, max_batch_size)
-    return out.to(device) if device is not None else out
+    out = ElmoModel(bilm, state, requires_grad, do_layer_norm, max_batch_size).eval()
+    return out.to(resolve_device(device, "device=")) if device is not None else out

@@ -1,0 +1,28 @@
+"""The one device policy of every front door (CLI flags, load(), ElmoEmbedder, Elmo): a name or
+torch.device, else a default, else CUDA when available; a CUDA request on a machine without CUDA
+(or a GPU index it does not have) is one line."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .errors import ElmoError
+
+
+def resolve_device(name: Optional[str], flag: str = "--device", default: Optional[str] = None):
+    """THE device policy: `name` (cpu, cuda, cuda:1, or a torch.device), else `default`, else cuda
+    when available. A CUDA request on a machine without CUDA is one line."""
+    name = name if name is not None else default
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ElmoError(f"{flag} {name}: not a device (cpu, cuda, cuda:1)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ElmoError(f"{flag} {name}: CUDA is not available on this machine (use cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ElmoError(f"{flag} {name}: this machine has {torch.cuda.device_count()} GPU(s)")
+    return dev
