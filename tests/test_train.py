@@ -616,11 +616,11 @@ def test_fast_recipe_schedule_and_optimizer():
     from torch_elmo.train import learning_rate_at, recipe_optimizer
     base = preset("tiny")
     assert learning_rate_at(base, 0, 0.0) == learning_rate_at(base, 10**6, 1.0) == 0.2
-    fast = base.replace(recipe="fast", learning_rate=6e-3)
-    assert math.isclose(learning_rate_at(fast, 0, 0.0), 6e-3 / 100)          # warm-up
-    assert math.isclose(learning_rate_at(fast, 99, 0.0), 6e-3)
-    assert math.isclose(learning_rate_at(fast, 500, 0.5), 6e-3 * (0.1 + 0.9 * 0.5))
-    assert math.isclose(learning_rate_at(fast, 900, 1.0), 6e-4)               # final fraction
+    fast = base.replace(recipe="fast", learning_rate=1e-2)
+    assert math.isclose(learning_rate_at(fast, 0, 0.0), 1e-2 / 100)          # warm-up
+    assert math.isclose(learning_rate_at(fast, 99, 0.0), 1e-2)
+    assert math.isclose(learning_rate_at(fast, 500, 0.5), 1e-2 * (0.1 + 0.9 * 0.5))
+    assert math.isclose(learning_rate_at(fast, 900, 1.0), 1e-3)               # final fraction
     p = [torch.nn.Parameter(torch.ones(2))]
     assert isinstance(recipe_optimizer(p, fast), torch.optim.AdamW)
     assert isinstance(recipe_optimizer(p, base), torch.optim.Adagrad)
@@ -634,7 +634,7 @@ def test_fast_recipe_trains_resumes_and_keeps_its_recipe(capsys, corpus):
     assert rc == 0, err
     ck = load_checkpoint(run)
     saved = json.loads(ck["options"])
-    assert saved["recipe"] == "fast" and saved["learning_rate"] == 6e-3
+    assert saved["recipe"] == "fast" and saved["learning_rate"] == 1e-2
     assert "exp_avg" in str(ck["optimizer"]["state"][0].keys())               # AdamW moments
     rc, out, err = _run_cli(capsys, _cli_train(data_file, vocab, run, opts, "--resume",
                                                "--max-tokens", "400"))

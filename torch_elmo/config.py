@@ -229,13 +229,13 @@ def write_options(options: Options, path: str | os.PathLike, inference: bool = F
 # "bilm-tf" is its train_elmo.py exactly (Adagrad, accumulator 1.0, constant learning rate, the
 # learning_rate option). "fast": AdamW with a linear warm-up and a cosine decay to
 # final_lr_fraction over the run's horizon (its planned updates, or --max-tokens / --max-time,
-# whichever ends first); learning_rate is the recipe's unless given; the softmax gradient is
-# dense (AdamW keeps no sparse state). Measured in benchmarks/recipes.py.
+# whichever ends first), bf16 autocast; learning_rate is the recipe's unless given; the softmax
+# gradient is dense (AdamW keeps no sparse state). Chosen by measurement (benchmarks/README.md).
 RECIPES: dict[str, dict] = {
     "bilm-tf": {"optimizer": "adagrad", "schedule": "constant"},
-    "fast": {"optimizer": "adamw", "learning_rate": 6e-3, "betas": (0.9, 0.98), "eps": 1e-8,
+    "fast": {"optimizer": "adamw", "learning_rate": 1e-2, "betas": (0.9, 0.98), "eps": 1e-8,
              "weight_decay": 0.0, "warmup_steps": 100, "schedule": "cosine",
-             "final_lr_fraction": 0.1},
+             "final_lr_fraction": 0.1, "bf16": True},
 }
 
 

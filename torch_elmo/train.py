@@ -497,6 +497,7 @@ def loop(run: Run, counted: bool, *, heldout_files, max_tokens, max_time, log_ev
     bar = None
     log = lambda msg: (bar.write if bar is not None else print)(msg)  # noqa: E731 (rank 0 only)
     lm, o, params, dist_on = run.lm, run.options, run.params, world_size > 1
+    bf16 = bf16 or RECIPES[o.recipe].get("bf16", False)
     T, n_samples = o.unroll_steps, o.n_negative_samples_batch
     scheduled = RECIPES[o.recipe]["schedule"] != "constant"
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
