@@ -24,8 +24,8 @@ dropped. Case is kept (the char CNN sees it).
 
 Steps: read + tokenise -> hold out 1% of the articles (by article, seeded; about 25k tokens, so
 that the full-softmax evaluation over ~70k words takes well under a minute) -> vocabulary of every
-word of the corpus (no held-out word is <UNK>; rare words like "pencil" keep a softmax row) -> `train.train` for
---minutes with a progress bar (the bilm-tf recipe, sampled softmax) -> held-out perplexity with the
+word of the corpus (no held-out word is <UNK>; rare words like "banana" keep a softmax row) -> `train.train` for
+--minutes with a progress bar (`--recipe fast`, sampled softmax) -> held-out perplexity with the
 full softmax (evaluate.perplexity, bilm-tf run_test.py) -> export options.json + weights.hdf5 ->
 the demonstrations:
 
@@ -65,9 +65,11 @@ PLANE_SENTENCES = [
     "He used a plane to smooth the wooden board .",
     "A plane is a flat two dimensional surface .",
 ]
-NEXT_WORD_CONTEXT = "I am going to write with a"
-# "frog" (the seed's absurd candidate) never occurs in this corpus; "elephant" and "banana" do
-NEXT_WORD_CANDIDATES = ["pen", "pencil", "knife", "keyboard", "hammer", "elephant", "banana"]
+# A context this corpus makes meaningful: in its training part "said on" is followed by a weekday
+# 250 times (Thursday 72, Tuesday 49, Monday 47, ...), by "Twitter" 12 times; "elephant" (19
+# occurrences), "banana" (8) and "knife" (67) occur in it, never after "said on".
+NEXT_WORD_CONTEXT = "Officials said on"
+NEXT_WORD_CANDIDATES = ["Thursday", "Monday", "Friday", "Twitter", "knife", "elephant", "banana"]
 OUTLETS = {"www.aljazeera.com": "Al Jazeera", "tass.com": "TASS", "abcnews.go.com": "ABC News",
            "www.rte.ie": "RTE"}
 
@@ -248,9 +250,10 @@ def headline_task(articles: list[dict], seed: int = 0, test_fraction: float = 0.
 
 # ------------------------------------------------------------------------------------ the run
 def quickstart_options():
-    """The `wt2` preset for one epoch (the time budget stops the run first)."""
-    from .config import preset
-    return preset("wt2").replace(n_epochs=1)
+    """The `wt2` preset with the fast recipe, for one epoch (the time budget stops the run first)."""
+    from .config import RECIPES, preset
+    fast = RECIPES["fast"]["learning_rate"]
+    return preset("wt2").replace(n_epochs=1, recipe="fast", learning_rate=fast)
 
 
 def _hr(title: str) -> None:
@@ -308,7 +311,7 @@ def run_quickstart(work_dir: str, minutes: float = 5.0, seed: int = 0,
     n_held = _write_sentences(held_s, data_dir / "heldout.txt")
     # every word of the corpus, held-out articles included (as 1B Word's vocabulary covers its
     # held-out set): no held-out word becomes <UNK>, so perplexity is not flattered by easy
-    # <UNK> targets, and rare demo words (pencil, frog) keep their own softmax row
+    # <UNK> targets, and rare demo words (banana, elephant) keep their own softmax row
     # (sorted by training frequency, as the log-uniform sampler assumes; held-out-only words last)
     vocab = build_vocabulary(count_words(str(data_dir / "train.txt")))
     unseen = sorted({t for s in held_s for t in s} - set(vocab.tokens))
@@ -325,7 +328,7 @@ def run_quickstart(work_dir: str, minutes: float = 5.0, seed: int = 0,
     print(f"char CNN {o.char_cnn.n_filters} filters -> {o.lstm.projection_dim}, 2 x LSTM "
           f"{o.lstm.dim} units / {o.lstm.projection_dim} projection per direction; batch "
           f"{o.batch_size} x {o.unroll_steps}, sampled softmax {o.n_negative_samples_batch}, "
-          f"Adagrad {o.learning_rate}")
+          f"recipe {o.recipe} (AdamW {o.learning_rate:g}, warm-up + cosine decay, bf16)")
     train_mod.train(options, vocab, [str(data_dir / "train.txt")], str(run_dir),
                     heldout_files=[str(data_dir / "heldout.txt")], epochs=1,
                     max_time=minutes * 60, seed=seed, log_every=100,
