@@ -189,3 +189,26 @@ def test_cuda_requests_without_cuda_are_one_line(tmp_path, tiny_model):
         ElmoEmbedder(str(tmp_path / "m"), device="cuda")
     with pytest.raises(ElmoError, match=r"^cuda_device cuda:0: CUDA is not available"):
         ElmoEmbedder(str(tmp_path / "m"), None, 0)
+
+
+def test_encode_like_sentence_transformers(tmp_path, tiny_model):
+    import numpy as np
+    import torch_elmo
+    from torch_elmo import ElmoEmbedder, export_model
+    export_model(tiny_model, tmp_path / "m")
+    m = torch_elmo.load(tmp_path / "m")
+    texts = ["a much longer sentence than the others", "hi", "", "the cat sat"]
+    v = m.encode(texts, batch_size=2)
+    assert v.shape == (4, m.output_dim) and v.dtype == np.float32
+    assert not v[2].any()                                    # empty sentence: zeros
+    ref = ElmoEmbedder(str(tmp_path / "m")).embed_sentence("the cat sat".split())
+    np.testing.assert_allclose(v[3], ref.mean(axis=0).mean(axis=0), atol=1e-6)   # order kept
+    np.testing.assert_array_equal(v, m.encode(texts[::-1], batch_size=3)[::-1])   # deterministic
+    top = m.encode("the cat sat", layers="top", pooling="max", convert_to_numpy=False)
+    assert torch.is_tensor(top) and top.shape == (m.output_dim,)
+    np.testing.assert_allclose(top.numpy(), ref[2].max(axis=0), atol=1e-6)
+    unit = m.encode(texts[:2], normalize_embeddings=True)
+    np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1.0, atol=1e-5)
+    import pytest
+    with pytest.raises(torch_elmo.ElmoError, match="pooling"):
+        m.encode(texts, pooling="cls")

@@ -20,13 +20,14 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 import numpy as np
 import torch
 import torch.nn as nn
+from tqdm import tqdm
 
 from .chars import BOS_TOKEN, EOS_TOKEN, batch_to_ids
 from .config import ElmoError
 from .device import resolve_device
 from .embed import (DEFAULT_STATE, ElmoEmbedder, InitialState, TokenEmbeddingCache, check_batch,
-                    check_char_ids, check_state, device_of, remove_sentence_boundaries,
-                    resolve_bilm, run_bilm, run_bilm_ids)
+                    check_char_ids, check_state, device_of, length_sorted_batches,
+                    remove_sentence_boundaries, resolve_bilm, run_bilm, run_bilm_ids)
 from .export import export_model, load_bilm, save_weights
 from .hub import resolve_model
 from .model import FORGET_BIAS, BiLM
@@ -412,6 +413,42 @@ class ElmoModel(nn.Module):
 
     def embed_file(self, *args, **kwargs) -> int:
         return self.embedder.embed_file(*args, **kwargs)
+
+    def encode(self, sentences: Union[str, Sequence[Union[str, Sequence[str]]]], batch_size: int = 32,
+               pooling: str = "mean", layers: Union[str, Sequence[int]] = "average",
+               convert_to_numpy: bool = True, convert_to_tensor: bool = False,
+               normalize_embeddings: bool = False, show_progress_bar: bool = False):
+        """One vector per sentence, the way sentence-transformers' `encode` gives them: (n, 2P)
+        numpy float32 (or a tensor with convert_to_tensor / convert_to_numpy=False), in input
+        order, computed in length-sorted batches. A sentence is a whitespace-tokenized string or
+        a list of tokens; one string gives one vector (2P,). `layers`: "average" (the mean of
+        the 3 ELMo layers), "top", or a list of layer indices to average; `pooling`: "mean" or
+        "max" over the tokens (an empty sentence gives zeros). Deterministic unless the model's
+        state is "carry"."""
+        if pooling not in ("mean", "max"):
+            raise ElmoError(f"encode: pooling must be 'mean' or 'max', got {pooling!r}")
+        n_layers = self.bilm.n_layers + 1
+        picked = (list(range(n_layers)) if layers == "average" else [n_layers - 1]
+                  if layers == "top" else list(layers) if not isinstance(layers, str) else None)
+        if not picked or any(not isinstance(k, int) or not 0 <= k < n_layers for k in picked):
+            raise ElmoError(f"encode: layers must be 'average', 'top' or indices in "
+                            f"0..{n_layers - 1}, got {layers!r}")
+        single = isinstance(sentences, str)
+        batch = [s.split() if isinstance(s, str) else list(s)
+                 for s in ([sentences] if single else sentences)]
+        out = np.zeros((len(batch), self.output_dim), dtype=np.float32)
+        order = list(length_sorted_batches([len(s) for s in batch], batch_size))
+        for idx in tqdm(order, disable=not show_progress_bar, unit="batch", desc="encode"):
+            for i, emb in zip(idx, self.embedder.embed_batch([batch[i] for i in idx])):
+                if emb.shape[1]:                                   # (3, n, 2P) -> (n, 2P)
+                    tokens = emb[picked].mean(axis=0)
+                    out[i] = tokens.mean(axis=0) if pooling == "mean" else tokens.max(axis=0)
+        if normalize_embeddings:
+            out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+        if convert_to_tensor or not convert_to_numpy:
+            result = torch.from_numpy(out)
+            return result[0] if single else result
+        return out[0] if single else out
 
     def save_weights(self, weight_file: str | os.PathLike) -> None:
         save_weights(self.bilm, weight_file)
