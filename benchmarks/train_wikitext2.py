@@ -4,7 +4,7 @@
 
 Reads ../shared/data/wikitext-2/{train,valid}.txt (one paragraph or heading per line, already
 tokenized, rare words already `<unk>`). Builds the vocabulary from train.txt (frequency sorted,
-<S> </S> <UNK> first), trains with the bilm-tf recipe of spec section 9 (sampled softmax,
+<S> </S> <UNK> first), trains with the bilm-tf recipe (sampled softmax,
 Adagrad 0.2, clip 10, dropout 0.1, state carried) for `--minutes` of training time, then:
 
 * held-out perplexity on valid.txt with the FULL softmax (bilm-tf run_test: unroll 1, batch 256,

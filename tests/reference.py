@@ -1,4 +1,5 @@
-"""A straightforward step-by-step reference of the biLM (spec sections 3 to 5), in PyTorch.
+"""A straightforward step-by-step reference of the biLM in PyTorch: char CNN, highway, projection,
+LSTM cells with projection and clipping, stacking.
 
 No tricks: the char CNN convolves every position of every token (padding tokens and repeats
 included), each LSTM step is one concat([x_t, h]) @ W_0 matmul (TF's LSTMCell), the directions

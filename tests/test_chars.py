@@ -32,7 +32,7 @@ def test_raw_training_encodings_width_5():
     assert raw_char_ids("</S>", 5) == [258, 257, 259, 260, 260]
 
 
-def test_offset_examples_of_spec_section_1():
+def test_offset_examples_of_the_char_encoding():
     assert char_ids("<S>") == _filled([259, 257, 260])
     assert char_ids("</S>") == _filled([259, 258, 260])
     assert char_ids(chr(256) + "t") == _filled([259, 197, 129, 117, 260])

@@ -38,7 +38,7 @@ def test_worked_example(tmp_path):
     assert b1["fwd_targets"].tolist() == [[3, 2, 4], [2, 4, 1]]
     assert b2["fwd_inputs"].tolist() == [[4, 0, 3], [0, 3, 2]]
     assert b2["fwd_targets"].tolist() == [[1, 3, 1], [3, 2, 4]]
-    # the spec's raw encodings (width 5), +1 as delivered
+    # raw char encodings (width 5, docs/formats.md), +1 as delivered
     enc = {"the": [258, 116, 104, 101, 259], "unknown": [258, 117, 110, 107, 259],
            ".": [258, 46, 259, 260, 260], "<S>": [258, 256, 259, 260, 260]}
     for tok, raw in enc.items():

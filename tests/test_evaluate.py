@@ -1,4 +1,4 @@
-"""Held-out perplexity (spec section 9, bilm-tf run_test.py) and `elmo test`."""
+"""Held-out perplexity (bilm-tf run_test.py) and `elmo test`."""
 import math
 
 import pytest

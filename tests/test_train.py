@@ -1,4 +1,4 @@
-"""Training (spec section 9): the bilm-tf tiny training case, sampler and sampled softmax, the
+"""Training: the bilm-tf tiny training case, sampler and sampled softmax, the
 TF optimiser and clipping, export round trip, checkpoints and --resume after SIGKILL,
 --init-from, and the one-line messages of `elmo train` on bad input."""
 import json
@@ -540,7 +540,7 @@ def test_resume_with_different_options_or_vocab_is_refused(capsys, corpus):
     assert rc == 2 and "no checkpoint" in _error_line(err)
 
 
-def test_preset_defaults_are_section_9(capsys, corpus, monkeypatch):
+def test_preset_defaults_are_bilm_tf_training_defaults(capsys, corpus, monkeypatch):
     """--preset with no overrides gives bilm-tf's training defaults; flags override."""
     import torch_elmo.train as tr
     seen = {}

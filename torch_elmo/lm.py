@@ -124,10 +124,10 @@ class SampledSoftmaxCE(torch.autograd.Function):
 
     The (N, S) logits are the one big tensor: written once by the matmul (bias fused), then
     max, exp and sum in place; the backward turns them into probabilities in place (one pass)
-    and feeds them to the two gradient matmuls. The autograd version of the same formula (a masked copy, a
-    concatenation with the true logit, log_softmax and its backward) makes ~4x the memory
-    traffic over (N, S). Computed in fp32 whatever
-    the input dtype (bf16 logits would round the partition function); fp64 stays fp64."""
+    and feeds them to the two gradient matmuls. The autograd version of the same formula (a
+    masked copy, a concatenation with the true logit, log_softmax and its backward) makes
+    several passes over (N, S). Computed in fp32 whatever the input dtype (bf16 logits would
+    round the partition function); fp64 stays fp64."""
 
     @staticmethod
     def forward(ctx, x, w, bias, hit_rows, hit_cols, N):

@@ -264,9 +264,8 @@ def _reexec_with_passive_openmp() -> None:
     """Re-run `elmo quickstart ...` with OMP_WAIT_POLICY=PASSIVE unless the user set a policy.
 
     OpenMP reads the policy once, when torch loads, which is before this module runs. With the
-    default (spinning) policy, torch's 2 threads collapse as soon as anything else wants a core:
-    measured here with 4 other busy processes, 15 training steps took 90 s with 2 spinning
-    threads, 8 s with 2 passive threads and 8 s with 1 thread."""
+    default (spinning) policy, torch's threads slow down many times over as soon as anything else
+    wants a core (benchmarks/README.md)."""
     if os.environ.get("OMP_WAIT_POLICY") or sys.argv[1:2] != ["quickstart"]:
         return
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
