@@ -1,4 +1,4 @@
-"""Multi-process training (issue 7) on CPU with gloo, launched by torchrun: 2 processes with
+"""torch_elmo.distributed: multi-process training on CPU with gloo, launched by torchrun: 2 processes with
 per-rank batch b equal 1 process with batch 2b fed the same rows (losses and weights), an exact
 --resume with the same world size (through the `elmo train --nproc 2` shortcut), a re-shard when
 the world size changes, and a killed rank that ends the job with one clear line, after which
@@ -19,7 +19,6 @@ import torch
 from conftest import REPO, shared_path
 from torch_elmo.config import Options
 from torch_elmo.checkpoint import load_checkpoint
-from torch_elmo.cli import argv_from_args
 from torch_elmo.distributed import all_reduce_gradients
 from torch_elmo.train import train
 from torch_elmo.vocab import Vocabulary
@@ -239,19 +238,6 @@ def test_ctrl_c_stops_every_rank_at_the_same_step_with_a_checkpoint(setup, tmp_p
     step = int(ckpt["step"])
     assert f"step {step:,}/" in out                       # the checkpoint is of the stop step
     assert [r["data"]["batches"] for r in ckpt["ranks"]] == [step, step]
-
-
-def test_nproc_shortcut_passes_the_other_flags(setup):
-    from torch_elmo.cli import _train_parser
-    import argparse
-    p = argparse.ArgumentParser()
-    _train_parser(p)
-    argv = ["--train", "a b.txt", "--vocab", "v", "--save-dir", "s", "--nproc", "2", "--resume",
-            "--epochs", "1.5", "--dist-timeout", "9"]
-    args = p.parse_args(argv)
-    out = argv_from_args(args, _train_parser)
-    assert "--nproc" not in out
-    assert p.parse_args(out + ["--nproc", "2"]) == args
 
 
 def test_nproc_below_one_is_refused(setup, capsys):

@@ -1,0 +1,51 @@
+"""torch_elmo.cli: every command's parser and help, the error and warning format, the torchrun
+argument reconstruction."""
+import warnings
+
+import pytest
+
+from torch_elmo import cli
+from torch_elmo.cli import argv_from_args
+
+
+@pytest.mark.parametrize("command", sorted(cli.COMMANDS))
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main([command, "--help"])
+    assert e.value.code == 0
+    assert f"usage: elmo {command}" in capsys.readouterr().out
+
+
+def test_unknown_command_and_no_command(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["frobnicate"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit):
+        cli.main([])
+
+
+def test_warnings_are_one_line_with_the_command(capsys):
+    with cli.warnings_as_lines("vocab"):
+        warnings.warn("something odd\nsecond line stays in the message")
+    err = capsys.readouterr().err
+    assert err.startswith("elmo vocab: warning: something odd")
+
+
+def test_errors_are_one_line_and_exit_2(tmp_path, capsys):
+    rc = cli.main(["test", "--test", str(tmp_path / "none*.txt"), "--vocab", "v", "--save-dir",
+                   str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and err.startswith("elmo test: error: ")
+
+
+def test_nproc_shortcut_passes_the_other_flags():
+    from torch_elmo.cli import _train_parser
+    import argparse
+    p = argparse.ArgumentParser()
+    _train_parser(p)
+    argv = ["--train", "a b.txt", "--vocab", "v", "--save-dir", "s", "--nproc", "2", "--resume",
+            "--epochs", "1.5", "--dist-timeout", "9"]
+    args = p.parse_args(argv)
+    out = argv_from_args(args, _train_parser)
+    assert "--nproc" not in out
+    assert p.parse_args(out + ["--nproc", "2"]) == args
