@@ -10,7 +10,7 @@ import torch
 
 from reference import (reference_char_cnn, reference_forward, reference_lstm,
                        reference_run_direction)
-from torch_elmo import BiLM, batch_to_ids, preset
+from torch_elmo import BiLM, batch_to_ids, kernels, preset
 from torch_elmo.model import CharCNN
 
 ATOL = 1e-5
@@ -133,14 +133,13 @@ def test_bf16_autocast_runs_close_to_fp32():
 
 
 def test_fp16_activation_path_runs_close_to_fp32(monkeypatch):
-    """fp16 is what CUDA autocast(float16) selects (`_inference_dtype`); no GPU here, so the same
+    """fp16 is what CUDA autocast(float16) selects (`kernels.inference_dtype`); no GPU here, so the same
     path (fp16 weights and activations, fp32 cell state) runs on the CPU's fp16 kernels."""
-    import torch_elmo.model as M
     model = _model()
     ids = batch_to_ids(_batch())
     with torch.no_grad():
         want = model(ids)
-        monkeypatch.setattr(M, "_inference_dtype", lambda device: torch.float16)
+        monkeypatch.setattr(kernels, "inference_dtype", lambda device: torch.float16)
         got = model(ids)
     for g, w in zip(got["layers"][1:], want["layers"][1:]):
         assert g.dtype == torch.float32
@@ -150,16 +149,15 @@ def test_fp16_activation_path_runs_close_to_fp32(monkeypatch):
 
 @pytest.mark.parametrize("bf16", [False, True])
 def test_directions_on_two_threads_equal_one_thread(bf16, monkeypatch):
-    """With 2+ threads each direction runs on its own thread (model._infer_directions); the
+    """With 2+ threads each direction runs on its own thread (kernels.lstmp_layer); the
     results equal the serial path exactly, bf16 autocast included (autocast is per thread), and
     the caller's thread count is restored."""
-    import torch_elmo.model as M
     model = _model()
     ids = batch_to_ids(_batch(seed=3))
     state = _random_state(model, ids.shape[0], 1)
     calls = []
-    real = M._infer_layer
-    monkeypatch.setattr(M, "_infer_layer", lambda *a, **k: calls.append(len(a[0])) or real(*a, **k))
+    real = kernels.infer_layer
+    monkeypatch.setattr(kernels, "infer_layer", lambda *a, **k: calls.append(len(a[0])) or real(*a, **k))
     n = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
@@ -294,9 +292,8 @@ def test_inference_cache_follows_weight_updates_and_pickles():
 
 
 def test_unique_rows():
-    from torch_elmo.model import _unique_rows
     ids = batch_to_ids(_batch(2)).reshape(-1, 50)
-    uniq, inverse = _unique_rows(ids)
+    uniq, inverse = kernels.unique_rows(ids)
     assert torch.equal(uniq[inverse], ids)
     assert uniq.shape[0] == torch.unique(ids, dim=0).shape[0]
 
