@@ -108,8 +108,9 @@ class CharCNN(nn.Module):
             x = hw.fused(x, self.fast_weights, k, dtype) if fast else hw(x)
         if self.projection is not None:
             if fast:
-                lin = self.fast_weights.get(("proj", dtype), (self.projection.weight,),
-                                            lambda: kernels.Linear(self.projection.weight.detach().to(dtype)))
+                w = self.projection.weight
+                lin = self.fast_weights.get(("proj", dtype), (w,),
+                                            lambda: kernels.Linear(w.detach().to(dtype)))
                 bias = self.projection.bias.detach().to(dtype)
                 x = lin(x.to(dtype), bias)
             else:
@@ -136,7 +137,7 @@ class CharCNN(nn.Module):
         for i, conv in enumerate(self.convs):
             w = conv.weight                                        # (n, D, w) -> (n, D * w)
             if fast:
-                lin = self.fast_weights.get(("conv", i, dtype), (conv.weight,), lambda w=w: kernels.Linear(
+                lin = self.fast_weights.get(("conv", i, dtype), (w,), lambda w=w: kernels.Linear(
                     w.detach().reshape(w.shape[0], -1).to(dtype), pack=True, batch_hint=1024))
                 weights.append((lin, conv.bias.detach().to(dtype)))
             else:
