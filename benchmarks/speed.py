@@ -52,7 +52,7 @@ import torch.nn.functional as F  # noqa: E402
 from reference import reference_char_cnn, reference_forward, reference_run_direction  # noqa: E402
 from torch_elmo import BiLM, batch_to_ids, preset  # noqa: E402
 from torch_elmo.chars import PAD_CHAR  # noqa: E402
-from torch_elmo.model import _ONEDNN  # noqa: E402
+from torch_elmo.kernels import ONEDNN  # noqa: E402
 
 
 # ============================================================================ peak
@@ -63,7 +63,7 @@ def matmul_peak(dtype: torch.dtype, reps: int = 5) -> dict:
         flops = 2 * n ** 3
         best = min(_time(lambda: torch.mm(a, b)) for _ in range(reps))
         out[f"torch.mm {n}"] = flops / best / 1e9
-        if _ONEDNN:
+        if ONEDNN:
             w = torch.ops.mkldnn._reorder_linear_weight(b, n)
             lp = torch.ops.mkldnn._linear_pointwise
             best = min(_time(lambda: lp(a, w, None, "none", [], "")) for _ in range(reps))
@@ -81,7 +81,7 @@ class LocalPeak:
         self.data = {}
         for dt in (torch.float32, torch.bfloat16):
             a, b = torch.randn(1024, 2048, dtype=dt), torch.randn(2048, 2048, dtype=dt)
-            w = torch.ops.mkldnn._reorder_linear_weight(b, 1024) if _ONEDNN else None
+            w = torch.ops.mkldnn._reorder_linear_weight(b, 1024) if ONEDNN else None
             self.data[dt] = (a, b, w)
 
     def __call__(self, dtype: torch.dtype) -> float:
@@ -266,7 +266,7 @@ def bench_step_variants() -> list[dict]:
         h, gx = torch.randn(2, n, P), torch.randn(2, n, 4 * H)
         variants = {"2x MKL addmm": lambda: [torch.addmm(gx[d], h[d], Wt[d]) for d in range(2)],
                     "1x MKL baddbmm": lambda: torch.baddbmm(gx, h, Wt)}
-        if _ONEDNN:
+        if ONEDNN:
             lp = torch.ops.mkldnn._linear_pointwise
             pk = [torch.ops.mkldnn._reorder_linear_weight(W[d].contiguous(), n) for d in range(2)]
             variants["2x oneDNN"] = lambda: [lp.binary(h[d], gx[d], pk[d], None, "add")
@@ -475,7 +475,7 @@ def main(argv=None) -> int:
     t_start = time.time()
     q = args.quick
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY="
-          f"{os.environ.get('OMP_WAIT_POLICY')}, oneDNN fast path: {'on' if _ONEDNN else 'off'}, "
+          f"{os.environ.get('OMP_WAIT_POLICY')}, oneDNN fast path: {'on' if ONEDNN else 'off'}, "
           f"cpu: {_cpu_name()}, load average at start: {_loadavg()}")
     peaks = {"start": {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}}
     _print_peaks("start", peaks["start"])

@@ -1,11 +1,13 @@
-"""The biLM against an independent numpy forward pass written from spec sections 3 to 5,
-reading the TF-layout weights that export.save_weights writes."""
+"""The biLM (model.py): against an independent numpy forward pass of the bilm-tf architecture,
+reading the TF-layout weights that export.save_weights writes; parameter counts of the presets;
+the entry points' contracts (masks, empty batches, token-embedding input)."""
 import h5py
 import numpy as np
 import pytest
 import torch
 
 from torch_elmo import BiLM, batch_to_ids, preset, save_weights
+from reference import reference_lstm
 from torch_elmo.model import count_parameters
 
 SENTENCES = [["The", "plane", "took", "off", "."], ["A", "flat", "plane"], [], ["x"] * 9]
@@ -16,7 +18,7 @@ def _sigmoid(x):
 
 
 def _numpy_elmo(w, options, ids):
-    """Spec-only reference: TF layouts (x @ W, gates i, j, f, o), zero initial state."""
+    """Independent reference: TF layouts (x @ W, gates i, j, f, o), zero initial state."""
     cnn, lstm = options.char_cnn, options.lstm
     table = np.concatenate([np.zeros((1, w["char_embed"].shape[1])), w["char_embed"]])
     B, T, C = ids.shape
@@ -118,3 +120,56 @@ def test_padding_positions_are_zero_and_rows_independent(tiny_model):
     for l in range(3):
         assert both["layers"][l][1, 3:].abs().max() == 0
         torch.testing.assert_close(both["layers"][l][1, :3], alone["layers"][l][0], atol=1e-6, rtol=0)
+
+
+def test_empty_batch_and_token_embedding_input(tiny_model):
+    with torch.no_grad():
+        out = tiny_model(torch.zeros(0, 2, 50, dtype=torch.long))
+        assert out["layers"][2].shape == (0, 2, 32) and out["state"][0].shape == (2, 2, 0, 64)
+        ids = batch_to_ids(SENTENCES, add_boundaries=True)
+        want = tiny_model(ids)
+        token = tiny_model.char_cnn(ids)
+        got = tiny_model(token_embedding=token, mask=(ids > 0).any(-1))
+    for a, b in zip([got["token_embedding"], *got["layers"], *got["state"]],
+                    [want["token_embedding"], *want["layers"], *want["state"]]):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert torch.equal(got["mask"], want["mask"])
+
+
+def test_lstmp_forward_prefix_and_non_prefix_masks(tiny_model):
+    cell = tiny_model.forward_layers[0]
+    with torch.no_grad():
+        cell.bias.normal_(0, 0.5)
+    g = torch.Generator().manual_seed(0)
+    B, T = 4, 6
+    x = torch.randn(B, T, tiny_model.proj_dim, generator=g)
+    c = torch.randn(B, tiny_model.hidden_dim, generator=g)
+    h = torch.randn(B, tiny_model.proj_dim, generator=g)
+    lengths = torch.tensor([6, 2, 0, 5])
+    valid = torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1)
+    with torch.no_grad():
+        got = cell(x, valid, c, h)
+        want = reference_lstm(cell, x, lengths, c, h)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+        holes = valid.clone()
+        holes[0, 2] = False  # not a prefix: position 2 of row 0 is skipped
+        y, c1, h1 = cell(x, holes, c, h)
+        assert y[0, 2].abs().max() == 0 and y[0, 3].abs().max() > 0
+        # row 0 equals the row with position 2 removed; the other rows are unchanged
+        keep = [0, 1, 3, 4, 5]
+        y0, c0, h0 = reference_lstm(cell, x[:1, keep], torch.tensor([5]), c[:1], h[:1])
+        torch.testing.assert_close(y[:1, keep], y0, atol=1e-5, rtol=0)
+        torch.testing.assert_close(c1[:1], c0, atol=1e-5, rtol=0)
+        torch.testing.assert_close(h1[:1], h0, atol=1e-5, rtol=0)
+        for a, b in zip((y, c1, h1), got):
+            torch.testing.assert_close(a[1:], b[1:], atol=0, rtol=0)
+
+
+def test_run_direction_empty_batch_with_grad(tiny_model):
+    model = tiny_model.train()
+    x = torch.zeros(0, 4, model.proj_dim, requires_grad=True)
+    c0, h0 = (s[0] for s in model.zero_state(0))
+    outs, c, h = model.run_direction(0, x, torch.ones(0, 4, dtype=torch.bool), c0, h0)
+    assert outs[-1].shape == (0, 4, model.proj_dim) and c.shape == (2, 0, model.hidden_dim)
+    (outs[-1].sum() + c.sum()).backward()

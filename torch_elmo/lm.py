@@ -25,7 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ElmoError, Options
-from .model import BiLM, _Linear as Linear, _mm as mm  # merge: -> from .kernels import Linear, mm
+from .kernels import Linear, mm
+from .model import BiLM
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 

@@ -1,6 +1,7 @@
-"""The fast paths of model.py (packed, fused directions, oneDNN, hand-written BPTT, deduplicated
-and window-trimmed char CNN) against the plain step-by-step reference in tests/reference.py:
-equal within 1e-5 in fp32, for inference and for training gradients."""
+"""The fast paths (kernels.py: packed layout, directions on two threads, oneDNN, hand-written
+BPTT, bf16; model.py's deduplicated and window-trimmed char CNN) against the plain step-by-step
+reference in tests/reference.py, and the device seam's plain math (kernels.lstmp_reference)
+against the CPU paths: equal within 1e-5 in fp32, for inference and for training gradients."""
 import copy
 import pickle
 import random
@@ -8,9 +9,8 @@ import random
 import pytest
 import torch
 
-from reference import (reference_char_cnn, reference_forward, reference_lstm,
-                       reference_run_direction)
-from torch_elmo import BiLM, batch_to_ids, preset
+from reference import reference_char_cnn, reference_forward, reference_run_direction
+from torch_elmo import BiLM, batch_to_ids, kernels, preset
 from torch_elmo.model import CharCNN
 
 ATOL = 1e-5
@@ -95,7 +95,7 @@ def test_fast_inference_lengths(lengths):
 
 
 def test_fast_inference_carried_state_over_batches():
-    """Three calls with the state carried, as the embedder does (section 6)."""
+    """Three calls with the state carried, as the embedder does."""
     model = _model()
     state_fast = state_ref = None
     for k in range(3):
@@ -105,18 +105,6 @@ def test_fast_inference_carried_state_over_batches():
             want = reference_forward(model, ids, state_ref)
         _assert_dicts_close(got, want)
         state_fast, state_ref = got["state"], want["state"]
-
-
-def test_empty_batch_and_token_embedding_input():
-    model = _model()
-    with torch.no_grad():
-        out = model(torch.zeros(0, 2, 50, dtype=torch.long))
-        assert out["layers"][2].shape == (0, 2, 32) and out["state"][0].shape == (2, 2, 0, 64)
-        ids = batch_to_ids(_batch(), add_boundaries=True)
-        want = model(ids)
-        token = model.char_cnn(ids)
-        got = model(token_embedding=token, mask=(ids > 0).any(-1))
-    _assert_dicts_close(got, want, atol=0)
 
 
 def test_bf16_autocast_runs_close_to_fp32():
@@ -133,14 +121,13 @@ def test_bf16_autocast_runs_close_to_fp32():
 
 
 def test_fp16_activation_path_runs_close_to_fp32(monkeypatch):
-    """fp16 is what CUDA autocast(float16) selects (`_inference_dtype`); no GPU here, so the same
+    """fp16 is what CUDA autocast(float16) selects (`kernels.inference_dtype`); no GPU here, so the same
     path (fp16 weights and activations, fp32 cell state) runs on the CPU's fp16 kernels."""
-    import torch_elmo.model as M
     model = _model()
     ids = batch_to_ids(_batch(), add_boundaries=True)
     with torch.no_grad():
         want = model(ids)
-        monkeypatch.setattr(M, "_inference_dtype", lambda device: torch.float16)
+        monkeypatch.setattr(kernels, "inference_dtype", lambda device: torch.float16)
         got = model(ids)
     for g, w in zip(got["layers"][1:], want["layers"][1:]):
         assert g.dtype == torch.float32
@@ -150,16 +137,15 @@ def test_fp16_activation_path_runs_close_to_fp32(monkeypatch):
 
 @pytest.mark.parametrize("bf16", [False, True])
 def test_directions_on_two_threads_equal_one_thread(bf16, monkeypatch):
-    """With 2+ threads each direction runs on its own thread (model._infer_directions); the
+    """With 2+ threads each direction runs on its own thread (kernels.lstmp_layer); the
     results equal the serial path exactly, bf16 autocast included (autocast is per thread), and
     the caller's thread count is restored."""
-    import torch_elmo.model as M
     model = _model()
     ids = batch_to_ids(_batch(seed=3), add_boundaries=True)
     state = _random_state(model, ids.shape[0], 1)
     calls = []
-    real = M._infer_layer
-    monkeypatch.setattr(M, "_infer_layer", lambda *a, **k: calls.append(len(a[0])) or real(*a, **k))
+    real = kernels.infer_layer
+    monkeypatch.setattr(kernels, "infer_layer", lambda *a, **k: calls.append(len(a[0])) or real(*a, **k))
     n = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
@@ -228,26 +214,6 @@ def test_training_forward_equals_reference_with_grad():
                              else v.detach()) for k, v in got.items()}, want)
 
 
-def test_lstmp_forward_prefix_and_non_prefix_masks():
-    model = _model()
-    cell = model.forward_layers[0]
-    g = torch.Generator().manual_seed(0)
-    B, T = 4, 6
-    x = torch.randn(B, T, model.proj_dim, generator=g)
-    c, h = torch.randn(B, model.hidden_dim, generator=g), torch.randn(B, model.proj_dim, generator=g)
-    lengths = torch.tensor([6, 2, 0, 5])
-    valid = torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1)
-    with torch.no_grad():
-        got = cell(x, valid, c, h)
-        want = reference_lstm(cell, x, lengths, c, h)
-        for a, b in zip(got, want):
-            torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
-        holes = valid.clone()
-        holes[0, 2] = False  # not a prefix: the general masked loop
-        y, c1, h1 = cell(x, holes, c, h)
-        assert y[0, 2].abs().max() == 0 and y[0, 3].abs().max() > 0
-
-
 @pytest.mark.parametrize("chunk", [3, 256])
 def test_char_cnn_dedup_and_trimmed_windows_exact(chunk, monkeypatch):
     """Distinct tokens only, windows touching real characters only: same values and the same
@@ -295,18 +261,80 @@ def test_inference_cache_follows_weight_updates_and_pickles():
 
 
 def test_unique_rows():
-    from torch_elmo.model import _unique_rows
     ids = batch_to_ids(_batch(2), add_boundaries=True).reshape(-1, 50)
-    uniq, inverse = _unique_rows(ids)
+    uniq, inverse = kernels.unique_rows(ids)
     assert torch.equal(uniq[inverse], ids)
     assert uniq.shape[0] == torch.unique(ids, dim=0).shape[0]
 
 
-def test_run_direction_empty_batch_with_grad():
+def _packed_case(model, seed):
+    """A layer-0 cell of each direction, packed inputs and sorted states of rows of lengths
+    9, 0, 4, 9, 1, 6 (the backward direction through bwd_index)."""
+    B, T, P = 6, 9, model.proj_dim
+    lengths = torch.tensor([9, 0, 4, 9, 1, 6])
+    pk = kernels.Packing(torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1))
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, T, P, generator=g)
+    c0, h0 = _random_state(model, B, seed)
+    xs = [pk.pack(x, pk.fwd_index), pk.pack(x, pk.bwd_index)]
+    c0s = [c0[d, 0].index_select(0, pk.order) for d in range(2)]
+    h0s = [h0[d, 0].index_select(0, pk.order) for d in range(2)]
+    return [model.forward_layers[0], model.backward_layers[0]], xs, pk, c0s, h0s
+
+
+@pytest.mark.parametrize("cell_clip,proj_clip", [(3.0, 3.0), (None, None)])
+def test_plain_math_equals_cpu_inference(cell_clip, proj_clip):
+    """kernels.lstmp_reference (what the device seam runs off the CPU) against the CPU inference
+    loop (in place, tanh via sigmoid, prepacked weights), one thread and two."""
+    model = _model(cell_clip=cell_clip, proj_clip=proj_clip)
+    cells, xs, pk, c0s, h0s = _packed_case(model, 1)
+    n = torch.get_num_threads()
+    with torch.no_grad():
+        want = [kernels.lstmp_reference(*a) for a in zip(cells, xs, [pk] * 2, c0s, h0s)]
+        for threads in (1, 2):
+            try:
+                torch.set_num_threads(threads)
+                got = kernels.lstmp_layer(cells, xs, pk, c0s, h0s)
+            finally:
+                torch.set_num_threads(n)
+            for k in range(3):
+                for d in range(2):
+                    torch.testing.assert_close(got[k][d], want[d][k], atol=ATOL, rtol=0)
+
+
+def test_plain_math_equals_cpu_training_gradients():
+    """kernels.lstmp_reference under autograd against LSTMPFunction (hand-written BPTT): the
+    outputs, final state and the gradients of the input, the initial state and every weight."""
     model = _model()
-    model.train()
-    x = torch.zeros(0, 4, model.proj_dim, requires_grad=True)
-    c0, h0 = (s[0] for s in model.zero_state(0))
-    outs, c, h = model.run_direction(0, x, torch.ones(0, 4, dtype=torch.bool), c0, h0)
-    assert outs[-1].shape == (0, 4, model.proj_dim) and c.shape == (2, 0, model.hidden_dim)
-    (outs[-1].sum() + c.sum()).backward()
+    cells, xs0, pk, c00s, h00s = _packed_case(model, 2)
+    g = torch.Generator().manual_seed(4)
+    w_y = torch.randn(pk.N, model.proj_dim, generator=g) * 0.02
+    results = []
+    for fn in (lambda *a: kernels.lstmp_layer([a[0]], [a[1]], a[2], [a[3]], [a[4]]),
+               lambda *a: [[t] for t in kernels.lstmp_reference(*a)]):
+        model.zero_grad()
+        x, c0, h0 = (t.clone().requires_grad_() for t in (xs0[1], c00s[1], h00s[1]))
+        (y,), (c,), (h,) = fn(cells[1], x, pk, c0, h0)
+        ((y * w_y).sum() + (c * 0.1).sum() + (h * 0.3).sum()).backward()
+        results.append([y.detach(), c.detach(), h.detach(), x.grad, c0.grad, h0.grad]
+                       + [p.grad.clone() for p in cells[1].parameters()])
+    assert results[0][3].abs().max() > 0
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+
+
+def test_packing_of_a_mask_with_holes():
+    """A row's k-th step is its k-th valid position, forwards (fwd_index) and backwards
+    (bwd_index); rows sorted by their number of valid positions; for a prefix mask step k is
+    position k."""
+    valid = torch.tensor([[1, 0, 1, 1], [1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    pk = kernels.Packing(valid)
+    assert pk.order.tolist() == [3, 0, 1, 2] and pk.batch_sizes == [3, 3, 2, 1]
+    T = 4
+    assert pk.fwd_index.tolist() == [3 * T + 0, 0 * T + 0, 1 * T + 0, 3 * T + 1, 0 * T + 2,
+                                     1 * T + 1, 3 * T + 2, 0 * T + 3, 3 * T + 3]
+    assert pk.bwd_index.tolist() == [3 * T + 3, 0 * T + 3, 1 * T + 1, 3 * T + 2, 0 * T + 2,
+                                     1 * T + 0, 3 * T + 1, 0 * T + 0, 3 * T + 0]
+    prefix = kernels.Packing(torch.arange(T).unsqueeze(0) < valid.sum(1, keepdim=True))
+    assert prefix.fwd_index.tolist() == [3 * T + 0, 0 * T + 0, 1 * T + 0, 3 * T + 1, 0 * T + 1,
+                                         1 * T + 1, 3 * T + 2, 0 * T + 2, 3 * T + 3]
