@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -252,3 +253,41 @@ def test_all_reduce_is_a_no_op_for_one_process():
     extra = torch.tensor([1.0, 0.0])
     assert all_reduce_gradients([p], 1, extra) is extra
     assert torch.equal(p.grad, torch.full((3,), 2.0))
+
+
+def _h5(path):
+    import h5py
+    with h5py.File(path, "r") as f:
+        return {k: f[k][...] for k in f}
+
+
+def test_embed_under_torchrun_equals_one_process(tmp_path, tiny_model):
+    from torch_elmo import export_model
+    export_model(tiny_model, tmp_path / "m")
+    lines = ["the cat sat on the mat", "", "a much longer line with quite a few more words in it",
+             "x", "hello world", "one two three four five"] * 3
+    inp = tmp_path / "in.txt"
+    inp.write_text("\n".join(lines) + "\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    base = [sys.executable, "-m", "torch_elmo", "embed", "--model", str(tmp_path / "m"), "--input",
+            str(inp), "--batch-size", "4", "--no-progress"]
+    one = subprocess.run(base + ["--output", str(tmp_path / "one.hdf5")], env=env,
+                         capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run(base + ["--output", str(tmp_path / "two.hdf5"), "--nproc", "2"], env=env,
+                         capture_output=True, text=True, timeout=LAUNCH_TIMEOUT + 60)
+    assert two.returncode == 0, two.stderr
+    a, b = _h5(tmp_path / "one.hdf5"), _h5(tmp_path / "two.hdf5")
+    assert sorted(a) == sorted(b) and len(a) == len(lines) + 1          # + sentence_to_index
+    assert a["sentence_to_index"] == b["sentence_to_index"]
+    for k in a:
+        if k != "sentence_to_index":
+            assert a[k].shape == b[k].shape
+            np.testing.assert_allclose(a[k], b[k], atol=1e-6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "m", "one.hdf5", "two.hdf5"]
+    carry = subprocess.run(base + ["--output", str(tmp_path / "c.hdf5"), "--nproc", "2",
+                                   "--state", "carry"], env=env, capture_output=True, text=True,
+                           timeout=LAUNCH_TIMEOUT + 60)
+    assert carry.returncode != 0 and "carry depends on batch history" in carry.stderr
+    assert not (tmp_path / "c.hdf5").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -119,6 +119,11 @@ def _embed_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=embed.DEFAULT_MAX_TOKENS,
                    help="longer lines are embedded in overlapping windows and rejoined "
                         "(0 = no limit; default %(default)s)")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="processes on this machine: runs `torchrun --standalone --nproc_per_node "
+                        "N -m torch_elmo embed ...` (lines dealt out across processes, one output)")
+    p.add_argument("--dist-timeout", type=float, default=600.0,
+                   help="seconds a process waits for the others (several processes only)")
     p.add_argument("--use-sentence-keys", action="store_true",
                    help="name each dataset by its line's text (lines unique and non-empty)")
     p.add_argument("--forget-sentences", action="store_true",
@@ -411,26 +416,48 @@ def cmd_embed(args) -> int:
         raise ElmoError("give --model, or both --options-file and --weight-file")
     at_least("--batch-size", args.batch_size, 1)
     at_least("--max-tokens", args.max_tokens, 0)
+    nproc = getattr(args, "nproc", None)
+    at_least("--nproc", nproc, 1)
+    if nproc is not None and nproc > 1:
+        from . import distributed
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ElmoError("--nproc inside torchrun: use one or the other")
+        check_output(args.output, "--output", [args.input, options_file, weight_file])
+        return distributed.spawn_torchrun(nproc, "embed", argv_from_args(args, _embed_parser))
     if not os.path.isfile(args.input):
         raise ElmoError(f"--input {args.input}: " + ("is a directory, expected a text file"
                         if os.path.isdir(args.input) else "input file not found"))
     check_output(args.output, "--output", [args.input, options_file, weight_file])
     state = check_state(args.state or DEFAULT_STATE)
+    from . import distributed
+    from .embed import embed_file, embed_file_distributed
     device = resolve_device(args.device)
+    rank, world_size, device = distributed.init_distributed(
+        device, getattr(args, "dist_timeout", None) or 600.0)
+    if world_size > 1:
+        distributed.on_sigterm_say_why(rank, "embed")
+        if device.type == "cpu":          # the cores are shared between this machine's ranks
+            import torch
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     files = resolve_model(model) if model is not None else (options_file, weight_file)
     embedder = ElmoEmbedder(*files, state=state, device=device, max_batch_size=args.batch_size)
+    kw = dict(layers=args.layers, batch_size=args.batch_size,
+              forget_sentences=getattr(args, "forget_sentences", False),
+              use_sentence_keys=getattr(args, "use_sentence_keys", False), dtype=args.dtype,
+              max_tokens=None if args.max_tokens == 0 else args.max_tokens,
+              warn=lambda msg: print(f"elmo embed: warning: {msg}", file=sys.stderr),
+              progress=False if args.no_progress else None)
     with warnings_as_lines("embed"):
-        n = embedder.embed_file(args.input, args.output, layers=args.layers,
-                                batch_size=args.batch_size,
-                                forget_sentences=getattr(args, "forget_sentences", False),
-                                use_sentence_keys=getattr(args, "use_sentence_keys", False),
-                                dtype=args.dtype,
-                                max_tokens=None if args.max_tokens == 0 else args.max_tokens,
-                                warn=lambda msg: print(f"elmo embed: warning: {msg}",
-                                                       file=sys.stderr),
-                                progress=False if args.no_progress else None)
-    print(f"embedded {n} lines -> {args.output} ({args.layers}, {args.dtype}, state {state})",
-          file=sys.stderr)
+        if world_size > 1:
+            n = embed_file_distributed(embedder, args.input, args.output, rank, world_size, **kw)
+        else:
+            n = embed_file(embedder, args.input, args.output, **kw)
+    if rank == 0:
+        print(f"embedded {n} lines -> {args.output} ({args.layers}, {args.dtype}, state {state}"
+              + (f", {world_size} processes" if world_size > 1 else "") + ")", file=sys.stderr)
+    if world_size > 1:
+        distributed.leave_group(rank, 0)
     return 0
 
 

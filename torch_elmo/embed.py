@@ -658,3 +658,59 @@ def embed_file(embedder: ElmoEmbedder, input_file, output_file: str | os.PathLik
         if not (forget_sentences or use_sentence_keys):
             write_sentence_index(fout, lines)
     return len(lines)
+
+
+def embed_file_distributed(embedder: ElmoEmbedder, input_file: str, output_file: str,
+                           rank: int, world_size: int, layers: str = "all", batch_size: int = 64,
+                           forget_sentences: bool = False, use_sentence_keys: bool = False, *,
+                           dtype: str = "float32",
+                           max_tokens: Optional[int] = DEFAULT_MAX_TOKENS,
+                           progress: Optional[bool] = None,
+                           warn: Optional[Callable[[str], None]] = None) -> int:
+    """`embed_file` by `world_size` torchrun processes (torch.distributed initialised): rank r
+    embeds lines r, r + world, r + 2 world, ... into a part file beside the output; after a
+    barrier rank 0 joins the parts, in line order, into ONE output identical to the one-process
+    output (same keys, same vectors: warm and zero states do not depend on the batch), written
+    atomically; then every part is removed. A rank that fails makes the others' barrier fail:
+    one line each, no output, no parts left. `carry` is refused (it depends on batch history)."""
+    import torch.distributed as dist
+
+    from .distributed import collective
+    if embedder.state == "carry":
+        raise ElmoError("--state carry depends on batch history; several processes need warm "
+                        "or zero")
+    check_embed_file_args(layers, batch_size, dtype, max_tokens)
+    output_file = os.fspath(output_file)
+    _, lines = read_input(input_file, warn if rank == 0 else (lambda msg: None))
+    keys = sentence_keys(lines, use_sentence_keys)
+    mine = list(range(rank, len(lines), world_size))
+    np_dtype = np.float16 if dtype == "float16" else np.float32
+    parent, name = os.path.split(os.path.abspath(output_file))
+    part = lambda r: os.path.join(parent, f".{name}.part{r}of{world_size}.tmp")  # noqa: E731
+    try:
+        with h5py.File(part(rank), "w") as f, \
+                tqdm(total=len(mine), unit="line", desc=f"embed (rank 0 of {world_size})",
+                     file=sys.stderr,
+                     disable=rank != 0 or (None if progress is None else not progress)) as bar:
+            for j, emb in embedded_lines(embedder, [lines[i].split() for i in mine], batch_size,
+                                         max_tokens):
+                f.create_dataset(str(mine[j]), data=reduce_layers(emb, layers).astype(np_dtype))
+                bar.update(1)
+        collective(rank, dist.barrier)                        # every part is complete
+        if rank == 0:
+            parts = [h5py.File(part(r), "r") for r in range(world_size)]
+            try:
+                with atomic_hdf5(output_file) as fout:
+                    for i in range(len(lines)):
+                        fout.create_dataset(keys[i], data=parts[i % world_size][str(i)][...])
+                    if not (forget_sentences or use_sentence_keys):
+                        write_sentence_index(fout, lines)
+            finally:
+                for p in parts:
+                    p.close()
+        collective(rank, dist.barrier)                        # rank 0 has read every part
+    finally:
+        if os.path.exists(part(rank)):
+            os.remove(part(rank))
+    return len(lines)
+
