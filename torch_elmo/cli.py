@@ -155,7 +155,8 @@ def _classify_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--patience", type=int, default=3,
                    help="bilstm: stop after this many epochs without a dev gain")
     p.add_argument("--hidden", type=int, default=100, help="bilstm: LSTM units per direction")
-    p.add_argument("--lr", type=float, default=1e-3, help="bilstm: Adam learning rate")
+    p.add_argument("--lr", type=float, default=5e-3,
+                   help="bilstm: Adam learning rate (default 5e-3, as elmo ner)")
     p.add_argument("--predictions", default=None, help="write text, gold, predicted to this TSV")
     p.add_argument("--max-train", type=int, default=None, help="random subsample of train")
     p.add_argument("--max-test", type=int, default=None, help="random subsample of test")
@@ -479,7 +480,8 @@ def cmd_classify(args) -> int:
         embedder = None
         if features not in ("tfidf", "words"):
             if args.model is None:
-                raise ElmoError("--model is required (a dir with options.json + weights.hdf5)")
+                raise ElmoError("--model is required (a dir with options.json + weights.hdf5)"
+                                + ("; --no-elmo: the BiLSTM without ELMo" if bilstm else ""))
             embedder = ElmoEmbedder(*resolve_model(args.model), device=device)
         elif args.no_elmo and args.model:
             print("--no-elmo: --model is ignored")

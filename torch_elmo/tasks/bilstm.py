@@ -4,16 +4,16 @@ input, the paper's way, rather than used alone as a pooled vector.
     [ word embedding (train vocab) ; casing embedding ; gamma * sum_j softmax(w)_j * ELMo layer j ]
     -> dropout -> BiLSTM -> max-pool over time -> dropout -> linear -> softmax over the labels
 
-The biLM is frozen: each sentence's 3 layers are computed ONCE up front (common.embed_layers,
-kept in memory as float16), so an epoch costs only the small model; the scalar mix (w, gamma) is
-trained with it. `elmo=False` (`--no-elmo`) is the same model without the ELMo part. Words and
-casing are the NER tagger's inputs (common.WordVocab, common.casing): the train vocabulary
-lowercased with digits as 0, learned from scratch, a training singleton replaced by <unk> half of
-the time. Adam, batches of 32 sentences, gradient norm clipped at 5, cross-entropy. With a dev
-set, epochs are ranked by dev (macro-F1, accuracy, then the lower dev loss: a small dev set ties
-on the first two); the best one is kept and training stops after `patience` epochs without a
-better one. Without a dev set all epochs run and the last is kept. Seeded: the same seed
-gives the same predictions on the same machine.
+The biLM is frozen: each sentence's 3 layers are computed ONCE up front (common.embed_layers, kept
+in memory as float16), so an epoch costs only the small model; the scalar mix (w, gamma) is trained
+with it. Without layers (`--no-elmo`; classify's features="words") it is the same model without the
+ELMo part. Words and casing are the NER tagger's inputs (common.WordVocab, common.casing): the
+train vocabulary lowercased with digits as 0, learned from scratch, a training singleton replaced
+by <unk> half of the time. Adam (5e-3), batches of 32 sentences, gradient norm clipped at 5, cross-
+entropy. With a dev set, epochs are ranked by dev (macro-F1, accuracy, then the lower dev loss: a
+small dev set ties on the first two); the best one is kept and training stops after `patience`
+epochs without a better one. Without a dev set all epochs run and the last is kept. Seeded: the
+same seed gives the same predictions on the same machine.
 """
 from __future__ import annotations
 
@@ -139,7 +139,7 @@ def train_epoch(model: BiLSTMClassifier, opt, words, cases, y, elmo, singletons,
 def train_bilstm_classifier(train: Sequence, test: Sequence, dev: Optional[Sequence] = None,
                             embedder: Optional[ElmoEmbedder] = None,
                             layers: Optional[dict] = None, epochs: int = 10, patience: int = 3,
-                            hidden: int = 100, lr: float = 1e-3, batch_size: int = 32,
+                            hidden: int = 100, lr: float = 5e-3, batch_size: int = 32,
                             word_dim: int = 100, dropout: float = 0.5, seed: int = 0,
                             embed_batch_size: int = 64, device: str | torch.device = "cpu",
                             log: Optional[Callable] = None) -> dict:
