@@ -9,11 +9,11 @@ in memory as float16), so an epoch costs only the small model; the scalar mix (w
 with it. Without layers (`--no-elmo`; classify's features="words") it is the same model without the
 ELMo part. Words and casing are the NER tagger's inputs (common.WordVocab, common.casing): the
 train vocabulary lowercased with digits as 0, learned from scratch, a training singleton replaced
-by <unk> half of the time. Adam (5e-3), batches of 32 sentences, gradient norm clipped at 5, cross-
-entropy. With a dev set, epochs are ranked by dev (macro-F1, accuracy, then the lower dev loss: a
-small dev set ties on the first two); the best one is kept and training stops after `patience`
-epochs without a better one. Without a dev set all epochs run and the last is kept. Seeded: the
-same seed gives the same predictions on the same machine.
+by <unk> half of the time. Adam (5e-3), batches of 32 sentences, gradient norm clipped at 5,
+cross-entropy. With a dev set, epochs are ranked by dev (macro-F1, accuracy, then the lower dev
+loss: a small dev set ties on the first two); the best one is kept and training stops after
+`patience` epochs without a better one. Without a dev set all epochs run and the last is kept.
+Seeded: the same seed gives the same predictions on the same machine.
 """
 from __future__ import annotations
 
