@@ -154,3 +154,72 @@ def test_tsv_with_an_id_column_or_swapped_columns_is_refused(tmp_path, capsys):
     rc, err = run_cli(["classify", "--features", "tfidf", "--format", "tsv", "--train",
                        str(swapped), "--test", str(swapped)], capsys)
     assert rc == 2 and len(err) == 1 and "columns look swapped" in err[0]
+
+
+# ------------------------------------------------------------- tfidf+elmo, bilstm through the CLI
+def test_tfidf_elmo_stacks_both_blocks_with_comparable_norms(embedder):
+    train, test = separable_examples(40, 0), separable_examples(20, 1)
+    tfidf, (tfidf_test,) = classify.tfidf_features([e.tokens for e in train],
+                                                   [[e.tokens for e in test]])
+    pooled = classify.pooled_elmo(embedder, {"train": train, "test": test}, 64, None, False)
+    X = classify.hstack_tfidf_elmo({"train": tfidf, "test": tfidf_test},
+                                   {name: p["elmo"] for name, p in pooled.items()})
+    dim = 2 * embedder.model.proj_dim
+    assert X["train"].shape == (40, tfidf.shape[1] + dim) and X["test"].shape[0] == 20
+    dense = X["train"][:, tfidf.shape[1]:].toarray()
+    assert np.allclose(dense.mean(axis=0), 0, atol=1e-5)         # standardised on train
+    assert np.isclose(np.mean(np.sum(dense ** 2, axis=1)), 1.0, atol=0.05)   # ~ a tfidf row
+    r = classify.run_classification(train, test, features="tfidf+elmo", embedder=embedder)
+    assert r["dim"] == tfidf.shape[1] + dim and r["accuracy"] > 0.9
+
+
+def test_cli_classify_tfidf_elmo_and_bilstm(tmp_path, tiny_model, capsys):
+    model_dir = tmp_path / "model"
+    export_model(tiny_model, model_dir)
+    train, test = tmp_path / "train.tsv", tmp_path / "test.tsv"
+    write_tsv(train, separable_examples(40, 0))
+    write_tsv(test, separable_examples(20, 1))
+    common_args = ["--train", str(train), "--test", str(test), "--dev", str(test)]
+    assert cli.main(["classify", "--model", str(model_dir), "--features", "tfidf+elmo"]
+                    + common_args) == 0
+    assert "features tfidf+elmo" in capsys.readouterr().out
+    pred = tmp_path / "pred.tsv"
+    assert cli.main(["classify", "--model", str(model_dir), "--classifier", "bilstm",
+                     "--epochs", "2", "--hidden", "8", "--predictions", str(pred)]
+                    + common_args) == 0
+    out = capsys.readouterr().out
+    assert "epoch 2:" in out and "scalar mix" in out and "accuracy" in out
+    assert len(pred.read_text().splitlines()) == 21
+
+
+def test_cli_bilstm_no_elmo_needs_no_model(tmp_path, capsys):
+    train = tmp_path / "train.tsv"
+    write_tsv(train, separable_examples(40, 0))
+    assert cli.main(["classify", "--classifier", "bilstm", "--no-elmo", "--train", str(train),
+                     "--test", str(train), "--epochs", "8", "--lr", "1e-2", "--hidden",
+                     "16"]) == 0
+    out = capsys.readouterr().out
+    assert "no ELMo" in out and "last of 8 epochs (no --dev)" in out
+    assert "accuracy 1.0000" in out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--classifier", "bilstm", "--features", "tfidf"],
+     "--classifier bilstm reads the words (+ ELMo layers, or none with --no-elmo), not pooled "
+     "features: --features tfidf is for logreg / mlp"),
+    (["--classifier", "bilstm", "--no-elmo", "--features", "layer0"], "--features layer0 is for"),
+    (["--no-elmo"], "--no-elmo is for --classifier bilstm"),
+    (["--classifier", "bilstm"], "--model is required (a dir with options.json + weights.hdf5); "
+     "--no-elmo: the BiLSTM without ELMo"),
+    (["--features", "tfidf+elmo"], "--model is required"),
+    (["--classifier", "bilstm", "--no-elmo", "--epochs", "0"], "--epochs must be >= 1, got 0"),
+    (["--classifier", "bilstm", "--no-elmo", "--patience", "0"], "--patience must be >= 1"),
+    (["--classifier", "bilstm", "--no-elmo", "--hidden", "0"], "--hidden must be >= 1"),
+    (["--classifier", "bilstm", "--no-elmo", "--lr", "0"], "--lr must be > 0, got 0.0"),
+])
+def test_cli_classify_refuses_bad_combinations_in_one_line(tmp_path, capsys, flags, message):
+    train = tmp_path / "train.tsv"
+    write_tsv(train, separable_examples(20, 0))
+    rc, err = run_cli(["classify", "--train", str(train), "--test", str(train)] + flags, capsys)
+    assert rc == 2 and len(err) == 1 and message in err[0], err
+    assert "accuracy" not in capsys.readouterr().out

@@ -63,3 +63,13 @@ def test_data_lines_are_strict_utf8(tmp_path):
         common.read_data_lines(bad)
     bad.write_bytes(b"\xef\xbb\xbfok\tpos\n")
     assert common.read_data_lines(bad) == ["ok\tpos"]
+
+
+def test_word_vocab_and_casing_of_the_bilstm_models():
+    vocab = common.WordVocab([["Paris", "in", "1999"], ["in", "Rome"]])
+    assert vocab.words == ["<pad>", "<unk>", "0000", "in", "paris", "rome"]
+    assert vocab.ids(["PARIS", "2024", "Oslo"]) == [4, 2, 1]            # lowercased, digits 0
+    assert vocab.singletons == {2, 4, 5}
+    assert [common.casing(w) for w in ["1999", "A4", "USA", "Paris", "in", "--", "iPod"]] == \
+        [1, 2, 3, 4, 5, 6, 7]
+    assert common.N_CASING == 8

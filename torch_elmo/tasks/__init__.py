@@ -1,7 +1,9 @@
-"""Downstream tasks with ELMo features: text classification (classify.py, `elmo classify`) and
-CoNLL-2003 NER (ner.py, `elmo ner`); common.py holds what both use (data lines, subsampling, the
-frozen biLM's layers per sentence). The names below are re-exported for `from torch_elmo.tasks
+"""Downstream tasks with ELMo features: text classification (classify.py, `elmo classify`; its
+BiLSTM classifier in bilstm.py) and CoNLL-2003 NER (ner.py, `elmo ner`); common.py holds what
+they share (data lines, subsampling, the frozen biLM's layers per sentence, word vocabulary and
+casing, classification scores). The names below are re-exported for `from torch_elmo.tasks
 import ...`."""
+from .bilstm import BiLSTMClassifier, train_bilstm_classifier
 from .classify import (Example, detect_format, fit_and_score, pool_features,
                        read_examples, read_trec, run_classification)
 from .common import embed_layers, subsample

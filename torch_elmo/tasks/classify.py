@@ -1,7 +1,10 @@
 """Text classification (`elmo classify`): readers for tsv / emotion / sst / trec files, sentence
-features, scikit-learn classifiers, scores.
+features, scikit-learn classifiers, scores; `--classifier bilstm` hands over to bilstm.py (ELMo
+in a task model's input, the paper's way: words + casing + a scalar mix of the frozen layers ->
+BiLSTM -> max-pool -> linear, `features="words"` for the same model without ELMo).
 
-Each sentence becomes one fixed vector, and a scikit-learn classifier is fitted on those vectors:
+For logreg / mlp each sentence becomes one fixed vector, and a scikit-learn classifier is fitted
+on those vectors:
 
 * `elmo`   : per token the plain average of the 3 ELMo layers (layer 0 = char-CNN token vector
              duplicated, layers 1 and 2 = biLSTM outputs; no learned scalar mix), then the mean
@@ -10,6 +13,9 @@ Each sentence becomes one fixed vector, and a scikit-learn classifier is fitted 
              The baseline that measures what context adds.
 * `tfidf`  : sklearn TfidfVectorizer over the same tokens (lowercased unigrams + bigrams,
              sublinear tf), the bag-of-words baseline.
+* `tfidf+elmo`: the TF-IDF row with the `elmo` vector appended (scipy.sparse.hstack), the
+             dense part standardised on train and divided by sqrt(2P) so that both blocks have a
+             norm of about 1 (hstack_tfidf_elmo).
 
 Dense ELMo features are standardised (StandardScaler) before the classifier. With --dev, the
 regularisation strength (C for logreg, alpha for mlp) is chosen by dev macro-F1, and the final
@@ -33,7 +39,8 @@ import numpy as np
 
 from ..config import ElmoError
 from ..outputs import atomic_text
-from .common import bad_line, embed_layers, read_data_lines, subsample
+from .bilstm import train_bilstm_classifier
+from .common import bad_line, classification_scores, embed_layers, read_data_lines, subsample
 
 FORMATS = ("auto", "tsv", "emotion", "sst", "trec")
 
@@ -193,17 +200,6 @@ def make_classifier(kind: str, dense: bool, reg: Optional[float] = None, seed: i
     return make_pipeline(StandardScaler(), clf) if dense else clf
 
 
-def _scores(y_true, y_pred, labels) -> dict:
-    from sklearn.metrics import accuracy_score, classification_report, f1_score
-    return {
-        "accuracy": float(accuracy_score(y_true, y_pred)),
-        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
-        "per_class_f1": dict(zip(labels, map(float, f1_score(y_true, y_pred, labels=labels,
-                                                             average=None, zero_division=0)))),
-        "report": classification_report(y_true, y_pred, labels=labels, digits=4, zero_division=0),
-    }
-
-
 def fit_and_score(X_train, y_train, X_test, y_test, X_dev=None, y_dev=None,
                   classifier: str = "logreg", dense: bool = True, seed: int = 0) -> dict:
     """Fit on train (regularisation chosen on dev by macro-F1 when dev is given), score on test."""
@@ -216,12 +212,12 @@ def fit_and_score(X_train, y_train, X_test, y_test, X_dev=None, y_dev=None,
         if X_dev is not None:
             for reg in grid:
                 clf = make_classifier(classifier, dense, reg, seed).fit(X_train, y_train)
-                s = _scores(y_dev, clf.predict(X_dev), labels)
+                s = classification_scores(y_dev, clf.predict(X_dev), labels)
                 dev_scores[reg] = (s["macro_f1"], s["accuracy"])
             chosen = max(grid, key=lambda r: dev_scores[r])
         clf = make_classifier(classifier, dense, chosen, seed).fit(X_train, y_train)
     pred = clf.predict(X_test)
-    result = _scores(y_test, pred, labels)
+    result = classification_scores(y_test, pred, labels)
     result.update(predictions=list(pred), reg=chosen, dev_scores=dev_scores, labels=labels)
     return result
 
@@ -238,40 +234,108 @@ def _ngrams(tokens: list[str]) -> list[str]:
     return tokens + [a + " " + b for a, b in zip(tokens, tokens[1:])]
 
 
+def pooled_elmo(embedder, splits: dict, batch_size: int, feature_cache: Optional[dict],
+                progress: bool) -> dict[str, dict[str, np.ndarray]]:
+    """Per split the pool_features dict, from the cache when it holds the split."""
+    out = {}
+    for name, exs in splits.items():
+        key = (name, id(exs))
+        if feature_cache is not None and key in feature_cache:
+            out[name] = feature_cache[key]
+            continue
+        layers = embed_layers(embedder, [e.tokens for e in exs], batch_size,
+                              progress=f"embed {name}" if progress else None)
+        out[name] = pool_features(layers, embedder.model.proj_dim)
+        if feature_cache is not None:
+            feature_cache[key] = out[name]
+    return out
+
+
+def split_layers(embedder, splits: dict, batch_size: int, feature_cache: Optional[dict],
+                 progress: bool) -> dict[str, list[np.ndarray]]:
+    """Per split the (3, n, 2P) float16 layers of each sentence (the BiLSTM's ELMo input),
+    from the cache when it holds the split."""
+    out = {}
+    for name, exs in splits.items():
+        key = ("layers", name, id(exs))
+        if feature_cache is not None and key in feature_cache:
+            out[name] = feature_cache[key]
+            continue
+        out[name] = embed_layers(embedder, [e.tokens for e in exs], batch_size, dtype=np.float16,
+                                 progress=f"ELMo {name}" if progress else None)
+        if feature_cache is not None:
+            feature_cache[key] = out[name]
+    return out
+
+
+def hstack_tfidf_elmo(tfidf: dict, elmo: dict) -> dict:
+    """`tfidf+elmo`: per split the TF-IDF row next to the pooled ELMo vector, standardised with
+    train's mean and std and divided by sqrt(dim). A TF-IDF row has norm 1 (l2-normalised); a
+    standardised dim-dimensional row has squared norm about dim, so after the division each block
+    contributes a norm of about 1 and neither dominates the classifier's penalty."""
+    from scipy.sparse import csr_matrix, hstack
+    from sklearn.preprocessing import StandardScaler
+    scaler = StandardScaler().fit(elmo["train"])
+    scale = 1.0 / np.sqrt(elmo["train"].shape[1])
+    return {name: hstack([X, csr_matrix(scaler.transform(elmo[name]) * scale)], format="csr")
+            for name, X in tfidf.items()}
+
+
 def run_classification(train: list[Example], test: list[Example], dev: Optional[list] = None,
                        features: str = "elmo", classifier: str = "logreg", embedder=None,
                        batch_size: int = 64, seed: int = 0, feature_cache: Optional[dict] = None,
-                       progress: bool = False) -> dict:
-    """Features + classifier + scores. `feature_cache` (a dict) may hold pooled ELMo features
-    keyed by split name so that several feature kinds share one embedding pass."""
+                       progress: bool = False, bilstm: Optional[dict] = None) -> dict:
+    """Features + classifier + scores. `feature_cache` (a dict) may hold ELMo features keyed by
+    split so that several runs share one embedding pass. `classifier="bilstm"`: the BiLSTM
+    (bilstm.py) over words + casing + ELMo layers (`features="elmo"`) or words + casing only
+    (`features="words"`); `bilstm`: its keyword arguments (epochs, patience, hidden, lr,
+    device, log, ...)."""
     splits = {"train": train, "test": test}
     if dev is not None:
         splits["dev"] = dev
+    if classifier == "bilstm":
+        if features not in ("elmo", "words"):
+            raise ElmoError(f"--classifier bilstm reads the words (+ ELMo layers, or none with "
+                            f"--no-elmo), not pooled features: --features {features} is for "
+                            f"logreg / mlp")
+        layers = None
+        if features == "elmo":
+            if embedder is None:
+                raise ElmoError("--classifier bilstm with ELMo needs --model (or --no-elmo)")
+            t0 = time.time()
+            layers = split_layers(embedder, splits, batch_size, feature_cache, progress)
+            t_feat = time.time() - t0
+        kwargs = dict(bilstm or {})
+        kwargs.setdefault("log", print if progress else None)
+        result = train_bilstm_classifier(train, test, dev, layers=layers, seed=seed, **kwargs)
+        if layers is not None:
+            result["features_seconds"] = t_feat
+        return result
+    if classifier not in ("logreg", "mlp"):
+        raise ElmoError(f"--classifier must be logreg, mlp or bilstm, got {classifier!r}")
     t0 = time.time()
-    if features == "tfidf":
+    if features in ("tfidf", "tfidf+elmo"):
         Xtr, (Xte, Xdv) = tfidf_features([e.tokens for e in train],
                                          [[e.tokens for e in test],
                                           [e.tokens for e in dev] if dev is not None else None])
-        X = {"train": Xtr, "test": Xte, "dev": Xdv}
+        X = {"train": Xtr, "test": Xte, **({"dev": Xdv} if dev is not None else {})}
+        if features == "tfidf+elmo":
+            if embedder is None:
+                raise ElmoError(f"--features {features} needs --model")
+            pooled = pooled_elmo(embedder, splits, batch_size, feature_cache, progress)
+            X = hstack_tfidf_elmo(X, {name: p["elmo"] for name, p in pooled.items()})
         dense = False
     elif features in ("elmo", "layer0"):
         if embedder is None:
             raise ElmoError(f"--features {features} needs --model")
-        X = {}
-        for name, exs in splits.items():
-            key = (name, id(exs))
-            if feature_cache is not None and key in feature_cache:
-                pooled = feature_cache[key]
-            else:
-                layers = embed_layers(embedder, [e.tokens for e in exs], batch_size,
-                                      progress=f"embed {name}" if progress else None)
-                pooled = pool_features(layers, embedder.model.proj_dim)
-                if feature_cache is not None:
-                    feature_cache[key] = pooled
-            X[name] = pooled[features]
+        pooled = pooled_elmo(embedder, splits, batch_size, feature_cache, progress)
+        X = {name: p[features] for name, p in pooled.items()}
         dense = True
+    elif features == "words":
+        raise ElmoError("--features words (no ELMo) is the BiLSTM's input: --classifier bilstm "
+                        "--no-elmo")
     else:
-        raise ElmoError(f"--features must be elmo, layer0 or tfidf, got {features!r}")
+        raise ElmoError(f"--features must be elmo, layer0, tfidf or tfidf+elmo, got {features!r}")
     t_feat = time.time() - t0
     t0 = time.time()
     result = fit_and_score(X["train"], [e.label for e in train], X["test"],
@@ -288,6 +352,11 @@ FEATURE_DOC = {
     "elmo": "mean over tokens of the average of the 3 ELMo layers (no scalar mix)",
     "layer0": "mean over tokens of the context-free char-CNN vector (first P dims of layer 0)",
     "tfidf": "TF-IDF of lowercased unigrams + bigrams (sublinear tf)",
+    "tfidf+elmo": "TF-IDF next to the pooled `elmo` vector (standardised, / sqrt(dim))",
+}
+BILSTM_DOC = {
+    "elmo": "words + casing + trainable scalar mix of the 3 frozen ELMo layers",
+    "words": "words + casing, no ELMo (--no-elmo)",
 }
 
 
@@ -316,6 +385,8 @@ def read_classification_data(train_file, test_file, dev_file=None, fmt: str = "a
 def classification_summary(result: dict, features: str, classifier: str) -> str:
     """The lines `elmo classify` prints: features, the chosen regularisation, sizes and times,
     accuracy and macro-F1, sklearn's per-class report."""
+    if classifier == "bilstm":
+        return bilstm_summary(result, features)
     reg_name = "C" if classifier == "logreg" else "alpha"
     lines = [f"features {features}: {FEATURE_DOC[features]}, {result['dim']} dims"]
     if result["n_dev"]:
@@ -327,6 +398,26 @@ def classification_summary(result: dict, features: str, classifier: str) -> str:
     lines += [f"train {result['n_train']}  dev {result['n_dev']}  test {result['n_test']} "
               f"sentences; features {result['features_seconds']:.1f} s, "
               f"fit {result['fit_seconds']:.1f} s",
+              f"accuracy {result['accuracy']:.4f}  macro-F1 {result['macro_f1']:.4f}",
+              result["report"].rstrip()]
+    return "\n".join(lines)
+
+
+def bilstm_summary(result: dict, features: str) -> str:
+    """classification_summary's lines for the BiLSTM: its input, the kept epoch, the scores."""
+    lines = [f"features {features}: {BILSTM_DOC[features]} -> BiLSTM -> max-pool -> linear, "
+             f"{result['dim']} input dims per token"]
+    if result["n_dev"]:
+        f1, acc = result["dev_scores"][result["best_epoch"]]
+        lines.append(f"classifier bilstm, epoch {result['best_epoch']} of "
+                     f"{result['epochs_run']} kept (best dev macro-F1 {f1:.4f}, accuracy "
+                     f"{acc:.4f})" + (f"; {result['mix']}" if result["mix"] else ""))
+    else:
+        lines.append(f"classifier bilstm, last of {result['epochs_run']} epochs (no --dev)"
+                     + (f"; {result['mix']}" if result["mix"] else ""))
+    lines += [f"train {result['n_train']}  dev {result['n_dev']}  test {result['n_test']} "
+              f"sentences; ELMo layers {result['features_seconds']:.1f} s, "
+              f"training {result['fit_seconds']:.1f} s",
               f"accuracy {result['accuracy']:.4f}  macro-F1 {result['macro_f1']:.4f}",
               result["report"].rstrip()]
     return "\n".join(lines)

@@ -1,5 +1,7 @@
 """What the downstream tasks share: reading their data files, one-line format errors,
-subsampling, and the frozen biLM's layers for a list of sentences.
+subsampling, the frozen biLM's layers for a list of sentences, the word-level inputs of the
+BiLSTM task models (training vocabulary, casing classes) and the label scores of the
+classifiers (accuracy, macro-F1, per-class F1).
 
 ELMo vectors are computed with a deterministic initial LSTM state (embed.py's "warm" state by
 default: the biLM's state after reading a fixed warm-up text, the same for every sentence), so a
@@ -9,8 +11,10 @@ embedder is reset to zero before every batch for the same reason.
 from __future__ import annotations
 
 import os
+import re
 import sys
-from typing import Optional, Sequence
+from collections import Counter
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -60,3 +64,60 @@ def embed_layers(embedder: ElmoEmbedder, sentences: Sequence[Sequence[str]], bat
                 out[i] = v.astype(dtype, copy=False)
             bar.update(len(idx))
     return out
+
+
+# ------------------------------------------------------------ word inputs of the BiLSTM models
+def casing(word: str) -> int:
+    """The word's casing class, 1..7 (0 is padding): all digits, some digit, all upper, initial
+    upper, all lower, no letter or digit, other (mixed)."""
+    if word.isdigit():
+        return 1
+    if any(c.isdigit() for c in word):
+        return 2
+    if word.isupper():
+        return 3
+    if word[:1].isupper():
+        return 4
+    if word.islower():
+        return 5
+    if not any(c.isalnum() for c in word):
+        return 6
+    return 7
+
+
+N_CASING = 8
+
+
+def norm_word(word: str) -> str:
+    """The vocabulary's form of a word: lowercased, every digit 0."""
+    return re.sub(r"\d", "0", word.lower())
+
+
+class WordVocab:
+    """Word ids from the training sentences: 0 = padding, 1 = unknown; `singletons`: the ids of
+    words seen once (the models' word dropout turns them into <unk> so that <unk> is learned)."""
+
+    def __init__(self, sentences: Iterable[Sequence[str]], min_count: int = 1):
+        counts = Counter(norm_word(w) for s in sentences for w in s)
+        self.words = ["<pad>", "<unk>"] + sorted(w for w, c in counts.items() if c >= min_count)
+        self.index = {w: i for i, w in enumerate(self.words)}
+        self.singletons = {self.index[w] for w, c in counts.items() if c == 1 and w in self.index}
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+    def ids(self, sentence: Sequence[str]) -> list[int]:
+        return [self.index.get(norm_word(w), 1) for w in sentence]
+
+
+# ------------------------------------------------------------------------ classification scores
+def classification_scores(y_true, y_pred, labels) -> dict:
+    """accuracy, macro_f1, per_class_f1 (label -> F1) and sklearn's text report."""
+    from sklearn.metrics import accuracy_score, classification_report, f1_score
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+        "per_class_f1": dict(zip(labels, map(float, f1_score(y_true, y_pred, labels=labels,
+                                                             average=None, zero_division=0)))),
+        "report": classification_report(y_true, y_pred, labels=labels, digits=4, zero_division=0),
+    }

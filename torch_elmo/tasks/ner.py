@@ -18,7 +18,6 @@ import copy
 import re
 import time
 import warnings
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional, Sequence
 
@@ -30,7 +29,8 @@ from ..config import ElmoError
 from ..embed import ElmoEmbedder, length_sorted_batches
 from ..outputs import atomic_text
 from ..modules import ScalarMix
-from .common import bad_line, embed_layers, read_data_lines, subsample
+from .common import (N_CASING, WordVocab, bad_line, casing, embed_layers, read_data_lines,
+                     subsample)
 
 
 # --------------------------------------------------------------------------------------- CoNLL
@@ -139,46 +139,6 @@ def ner_scores(y_true: list[list[str]], y_pred: list[list[str]]) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- tagger
-def _casing(word: str) -> int:
-    if word.isdigit():
-        return 1
-    if any(c.isdigit() for c in word):
-        return 2
-    if word.isupper():
-        return 3
-    if word[:1].isupper():
-        return 4
-    if word.islower():
-        return 5
-    if not any(c.isalnum() for c in word):
-        return 6
-    return 7
-
-
-N_CASING = 8
-
-
-def _norm_word(word: str) -> str:
-    return re.sub(r"\d", "0", word.lower())
-
-
-class WordVocab:
-    """Word ids from the training sentences: 0 = padding, 1 = unknown."""
-
-    def __init__(self, sentences: Iterable[Sequence[str]], min_count: int = 1):
-        counts = Counter(_norm_word(w) for s in sentences for w in s)
-        self.words = ["<pad>", "<unk>"] + sorted(w for w, c in counts.items() if c >= min_count)
-        self.index = {w: i for i, w in enumerate(self.words)}
-        self.singletons = {self.index[w] for w, c in counts.items() if c == 1 and w in self.index}
-
-    def __len__(self) -> int:
-        return len(self.words)
-
-    def ids(self, sentence: Sequence[str]) -> list[int]:
-        return [self.index.get(_norm_word(w), 1) for w in sentence]
-
-
-
 def _make_batch(idx, words, cases, tags, elmo, unk_singletons=None, rng=None) -> dict:
     """Padded CPU tensors for sentences `idx`: words, case, tags, mask (B, T), lengths (B,),
     elmo (B, 3, T, 2P) when cached layers are given; `unk_singletons` turns on word dropout."""
@@ -273,7 +233,7 @@ def to_device(batch: dict, device) -> dict:
 def encode(sentences: Sequence[ConllSentence], vocab: WordVocab, tag_index: dict[str, int]):
     """(word ids, casing classes, tag ids) per sentence; a tag unseen in training counts as O."""
     return ([vocab.ids(s.tokens) for s in sentences],
-            [[_casing(w) for w in s.tokens] for s in sentences],
+            [[casing(w) for w in s.tokens] for s in sentences],
             [[tag_index.get(t, tag_index["O"]) for t in s.tags] for s in sentences])
 
 
