@@ -56,7 +56,11 @@ CLASSIFICATION = {
              "sst/sst2-sentence/test.tsv", "tsv"),
     "trec": ("trec/train_5500.label", None, "trec/TREC_10.label", "trec"),
 }
-FEATURES = ("tfidf", "layer0", "elmo")
+# (column, features, classifier): each baseline beside the same model + ELMo
+RUNS = (("tfidf", "tfidf", "logreg"), ("tfidf+elmo", "tfidf+elmo", "logreg"),
+        ("layer0", "layer0", "logreg"), ("elmo", "elmo", "logreg"),
+        ("bilstm", "words", "bilstm"), ("bilstm+elmo", "elmo", "bilstm"))
+FEATURES = tuple(label for label, _, _ in RUNS)
 
 
 def _split_dev(train, frac=0.1, seed=0):
@@ -81,21 +85,23 @@ def run_classification_task(name, data, embedder, args, log):
     test = tasks.subsample(test, args.max_test, args.seed)
     cache: dict = {}
     rows = {}
-    for feat in FEATURES:
-        if feat != "tfidf" and embedder is None:
+    for label, feat, classifier in RUNS:
+        if feat not in ("tfidf", "words") and embedder is None:
             continue
         t0 = time.time()
-        r = tasks.run_classification(train, test, dev, feat, "logreg", embedder,
+        r = tasks.run_classification(train, test, dev, feat, classifier, embedder,
                                      batch_size=args.batch_size, seed=args.seed,
-                                     feature_cache=cache)
+                                     feature_cache=cache,
+                                     bilstm={"epochs": args.bilstm_epochs, "log": None})
         r["seconds"] = time.time() - t0
-        rows[feat] = r
-        log(f"  {name:8s} {feat:7s} acc {r['accuracy']:.4f}  macro-F1 {r['macro_f1']:.4f}  "
-            f"C={r['reg']:g}  dim {r['dim']}  {r['seconds']:.1f} s")
+        rows[label] = r
+        reg = f"C={r['reg']:g}" if r.get("reg") is not None else f"epoch {r.get('best_epoch')}"
+        log(f"  {name:8s} {label:11s} acc {r['accuracy']:.4f}  macro-F1 {r['macro_f1']:.4f}  "
+            f"{reg}  {r['seconds']:.1f} s")
     return {"n_train": len(train), "n_dev": len(dev), "n_test": len(test),
             "n_classes": len(set(e.label for e in train)),
-            "results": {k: {x: v[x] for x in ("accuracy", "macro_f1", "reg", "dim", "seconds",
-                                              "features_seconds", "per_class_f1")}
+            "results": {k: {x: v.get(x) for x in ("accuracy", "macro_f1", "reg", "dim", "seconds",
+                                                  "features_seconds", "per_class_f1")}
                         for k, v in rows.items()}}
 
 
@@ -126,9 +132,9 @@ def markdown(results, model, settings) -> str:
     lines = []
     cls = {k: v for k, v in results.items() if k != "conll2003"}
     if cls:
-        lines += ["| task | train / dev / test | classes | tfidf acc / macro-F1 | "
-                  "layer0 acc / macro-F1 | elmo acc / macro-F1 |",
-                  "|---|---|---:|---|---|---|"]
+        lines += ["| task | train / dev / test | classes | "
+                  + " | ".join(f"{f} acc / macro-F1" for f in FEATURES) + " |",
+                  "|---|---|---:|" + "---|" * len(FEATURES)]
         for name, r in cls.items():
             cells = []
             for f in FEATURES:
@@ -166,6 +172,7 @@ def main(argv=None) -> int:
                          "comparable to published numbers)")
     ap.add_argument("--ner-epochs", type=int, default=10)
     ap.add_argument("--ner-patience", type=int, default=3)
+    ap.add_argument("--bilstm-epochs", type=int, default=10, help="BiLSTM classifier epochs")
     ap.add_argument("--batch-size", type=int, default=64, help="sentences per biLM batch")
     ap.add_argument("--device", default="cpu", help="device for the biLM (embedding only)")
     ap.add_argument("--no-elmo", action="store_true", help="baselines only (no model needed)")
