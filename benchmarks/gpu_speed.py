@@ -1,7 +1,7 @@
-"""ELMo on one GPU: inference and training tokens/s of the original model  (issue 6, GPU part)
+"""ELMo on one GPU: inference and training tokens/s of the original model
 
     python benchmarks/gpu_speed.py                       # on a CUDA machine (the device tool)
-    python benchmarks/gpu_speed.py --device cpu --preset tiny --vocab 5000 --steps 2   # smoke run
+    python benchmarks/gpu_speed.py --device cpu --preset tiny --vocab 5000 --negatives 100 --steps 2  # smoke
 
 In ONE run: the device's matmul peak (fp32, TF32, bf16, fp16: large square torch.mm), then
 

@@ -6,7 +6,7 @@ In ONE run, on random weights and synthetic text (a Zipf-distributed vocabulary 
 words, sentences of mean length ~22 words, batch 64):
 
   peak        large square matmuls, fp32 and bf16, best of several: torch.mm (MKL for fp32) and
-              oneDNN's inner product (the kernel model.py uses on CPU); ratios are given to both
+              oneDNN's inner product (the kernel kernels.py uses on CPU); ratios are given to both
   inference   BiLM.forward (original and small presets), fp32 and bf16 (CPU autocast), and the
               plain step-by-step reference (tests/reference.py); bf16 deviation from fp32
   training    small preset, B x T = 128 x 20, forward + backward + Adagrad step, with the sampled
