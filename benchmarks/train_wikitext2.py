@@ -43,15 +43,7 @@ from torch_elmo.vocab import Vocabulary, build_vocabulary  # noqa: E402
 
 CONFIGS = {
     # 2-core CPU: a few thousand tokens/s, several epochs of WikiText-2 in 30 minutes
-    "wt2": {
-        "lstm": {"dim": 256, "projection_dim": 64, "n_layers": 2, "cell_clip": 3, "proj_clip": 3,
-                 "use_skip_connections": True},
-        "char_cnn": {"activation": "relu", "embedding": {"dim": 16},
-                     "filters": [[1, 16], [2, 16], [3, 32], [4, 64], [5, 128], [6, 256]],
-                     "max_characters_per_token": 50, "n_characters": 261, "n_highway": 1},
-        "batch_size": 32, "unroll_steps": 20, "n_negative_samples_batch": 1024,
-        "state_reset_prob": 0.1,   # see config.Options.state_reset_prob: zero-state attractor
-    },
+    "wt2": preset("wt2").to_dict(),
     # a GPU: the released small model's shape
     "small": {**preset("small").to_dict(), "batch_size": 128, "unroll_steps": 20,
               "n_negative_samples_batch": 8192},

@@ -50,3 +50,12 @@ def small_disk(tmp_path):
         pytest.skip("cannot mount a small tmpfs here (needs root)")
     yield d
     subprocess.run(["umount", str(d)], capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and a busy machine makes spinning threads slow."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -15,12 +15,7 @@ from torch_elmo.train import train
 from torch_elmo.vocab import Vocabulary
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_options(**kw) -> Options:

@@ -10,12 +10,7 @@ from torch_elmo.lm import LanguageModel, LogUniformSampler, full_softmax_ce, sam
 from torch_elmo.train import clip_by_global_norm, make_optimizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_sampler_matches_one_draw_at_a_time():

@@ -22,13 +22,7 @@ from torch_elmo.train import clip_by_global_norm, make_optimizer, train
 from torch_elmo.vocab import Vocabulary
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and a busy machine makes spinning threads slow."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def bilm_tf_options(skip: bool = True, **training) -> dict:

@@ -13,6 +13,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .errors import ElmoError
+
 BOS_CHAR = 256  # begin of sentence
 EOS_CHAR = 257  # end of sentence
 BOW_CHAR = 258  # begin of word
@@ -66,3 +68,18 @@ def batch_to_ids(batch: Sequence[Sequence[str]], max_chars: int = 50,
 def mask_from_ids(ids: torch.Tensor) -> torch.Tensor:
     """(B, T, C) char ids -> (B, T) bool: a position is a real token iff any id > 0."""
     return (ids > 0).any(dim=-1)
+
+
+def check_batch(batch: Sequence[Sequence[str]]) -> list[list[str]]:
+    """A batch of token lists as lists of str; a string where a token list belongs is an error."""
+    out = []
+    for i, sentence in enumerate(batch):
+        if isinstance(sentence, str):
+            raise ElmoError(f"sentence {i}: expected a list of tokens, got a string "
+                            f"(split it first, e.g. text.split())")
+        tokens = list(sentence)
+        for token in tokens:
+            if not isinstance(token, str):
+                raise ElmoError(f"sentence {i}: tokens must be str, got {type(token).__name__}")
+        out.append(tokens)
+    return out

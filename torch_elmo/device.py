@@ -26,3 +26,7 @@ def resolve_device(name: Optional[str], flag: str = "--device", default: Optiona
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ElmoError(f"{flag} {name}: this machine has {torch.cuda.device_count()} GPU(s)")
     return dev
+
+
+def device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device

@@ -22,12 +22,14 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from .chars import BOS_TOKEN, EOS_TOKEN, batch_to_ids
+from .chars import BOS_TOKEN, EOS_TOKEN, batch_to_ids, check_batch
 from .config import ElmoError
 from .device import resolve_device
-from .embed import (DEFAULT_STATE, ElmoEmbedder, InitialState, TokenEmbeddingCache, check_batch,
-                    check_char_ids, check_state, device_of, length_sorted_batches,
-                    remove_sentence_boundaries, resolve_bilm, run_bilm, run_bilm_ids)
+from .device import device_of
+from .embed import (DEFAULT_STATE, ElmoEmbedder, InitialState, check_char_ids, check_state,
+                    length_sorted_batches, remove_sentence_boundaries, resolve_bilm, run_bilm,
+                    run_bilm_ids)
+from .token_cache import TokenEmbeddingCache
 from .export import export_model, load_bilm, save_weights
 from .hub import resolve_model
 from .model import FORGET_BIAS, BiLM
