@@ -96,6 +96,14 @@ def test_pipeline_cross_val_score_and_grid_search(model_dir):
     assert grid.predict(["a cat", "stocks"]).shape == (2,)
 
 
+def test_cross_val_score_in_worker_processes(model_dir):
+    # joblib's worker processes get the pickled pipeline: each reloads the biLM from model_dir
+    pipe = make_pipeline(ElmoVectorizer(model=model_dir, device="cpu"),
+                         LogisticRegression(max_iter=200))
+    serial = cross_val_score(pipe, TEXTS, LABELS, cv=2)
+    np.testing.assert_allclose(cross_val_score(pipe, TEXTS, LABELS, cv=2, n_jobs=2), serial)
+
+
 def test_clone_and_pickle_hold_no_model(model_dir):
     v = ElmoVectorizer(model=model_dir, layers=[0, 2], pooling="max", device="cpu")
     assert clone(v).get_params() == v.get_params()
