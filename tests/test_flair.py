@@ -24,7 +24,7 @@ def model_dir(tmp_path_factory):
     return str(out)
 
 
-def _conll_slice(src, dst, n):
+def conll_slice(src, dst, n):
     """The first n sentences of a CoNLL-2003 file, -DOCSTART- lines dropped."""
     sentences, rows = [], []
     for line in src.read_text().splitlines():
@@ -64,7 +64,7 @@ def test_sequence_tagger_trains_one_epoch_on_conll(model_dir, tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     for name, n in (("eng.train", 50), ("eng.testa", 20), ("eng.testb", 20)):
-        _conll_slice(conll / name, data / f"{name}.txt", n)
+        conll_slice(conll / name, data / f"{name}.txt", n)
     corpus = ColumnCorpus(data, {0: "text", 3: "ner"}, train_file="eng.train.txt",
                           dev_file="eng.testa.txt", test_file="eng.testb.txt")
     assert len(corpus.train) == 50

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 MAIN, OLD = "a" * 40, "b" * 40  # commit hashes
 
 
-def _add_snapshot(repo: Path, commit: str, src: Path, subfolder: str = "") -> None:
+def add_snapshot(repo: Path, commit: str, src: Path, subfolder: str = "") -> None:
     """Copy src's files into blobs/ (named by sha256) and link them from snapshots/commit/."""
     for f in src.iterdir():
         data = f.read_bytes()
@@ -39,7 +39,7 @@ def _add_snapshot(repo: Path, commit: str, src: Path, subfolder: str = "") -> No
         link.symlink_to(os.path.relpath(blob, link.parent))
 
 
-def _set_ref(repo: Path, ref: str, commit: str) -> None:
+def set_ref(repo: Path, ref: str, commit: str) -> None:
     (repo / "refs").mkdir(parents=True, exist_ok=True)
     (repo / "refs" / ref).write_text(commit)
 
@@ -65,15 +65,15 @@ def hf_home(tmp_path_factory):
         for name in ("options.json", "weights.hdf5"):
             (hdf5_only[key] / name).write_bytes((dirs[key] / name).read_bytes())
     repo = root / "home" / "hub" / "models--owner--name"
-    _add_snapshot(repo, MAIN, hdf5_only["A"])
-    _add_snapshot(repo, MAIN, only_st, "small")
-    _add_snapshot(repo, OLD, hdf5_only["B"])
-    _set_ref(repo, "main", MAIN)
-    _set_ref(repo, "v1", OLD)
+    add_snapshot(repo, MAIN, hdf5_only["A"])
+    add_snapshot(repo, MAIN, only_st, "small")
+    add_snapshot(repo, OLD, hdf5_only["B"])
+    set_ref(repo, "main", MAIN)
+    set_ref(repo, "v1", OLD)
     return root / "home", dirs, repo
 
 
-def _env(home: Path) -> dict:
+def offline_env(home: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
     env.update(HF_HOME=str(home), HF_HUB_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9",
                PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]))
@@ -82,7 +82,7 @@ def _env(home: Path) -> dict:
 
 def _py(home: Path, code: str) -> dict:
     """Run code in a fresh interpreter offline against `home`; it prints one JSON line."""
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=_env(home),
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=offline_env(home),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -174,7 +174,7 @@ def test_elmo_embed_cli_with_hf_model(hf_home, tmp_path):
         proc = subprocess.run([sys.executable, "-m", "torch_elmo", "embed", "--model", model,
                                "--input", str(tmp_path / "in.txt"), "--output",
                                str(tmp_path / out), "--no-progress", "--device", "cpu"],
-                              env=_env(home), capture_output=True, text=True, timeout=120)
+                              env=offline_env(home), capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr[-3000:]
     import h5py
     with h5py.File(tmp_path / "hf.hdf5") as a, h5py.File(tmp_path / "dir.hdf5") as b:

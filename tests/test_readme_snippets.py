@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import shared_path
-from test_hub_hf import _add_snapshot, _env, _set_ref
+from test_hub_hf import add_snapshot, offline_env, set_ref
 from torch_elmo import BiLM, export_model, preset
 
 SKLEARN = '''\
@@ -97,11 +97,11 @@ def test_sklearn_snippet(tiny_dir, tmp_path, capsys):
 
 def test_flair_snippet(tiny_dir, tmp_path):
     pytest.importorskip("flair")
-    from test_flair import _conll_slice
+    from test_flair import conll_slice
     conll = shared_path("data", "conll2003")
     (tmp_path / "conll2003").mkdir()
     for name, n in (("eng.train", 40), ("eng.testa", 10), ("eng.testb", 10)):
-        _conll_slice(conll / name, tmp_path / "conll2003" / name, n)
+        conll_slice(conll / name, tmp_path / "conll2003" / name, n)
     _run_here(_replaced(FLAIR, {'"small"': repr(str(tiny_dir)), "hidden_size=256": "hidden_size=8",
                                 "max_epochs=10": "max_epochs=1"}), tmp_path)
     assert (tmp_path / "runs" / "ner" / "final-model.pt").is_file()
@@ -114,10 +114,10 @@ def test_hub_snippet(tiny_dir, tmp_path):
     only_hdf5.mkdir()
     for name in ("options.json", "weights.hdf5"):
         (only_hdf5 / name).write_bytes((tiny_dir / name).read_bytes())
-    _add_snapshot(repo, "c" * 40, only_hdf5)
-    _set_ref(repo, "main", "c" * 40)
-    _set_ref(repo, "v1", "c" * 40)
-    proc = subprocess.run([sys.executable, "-c", HUB], env=_env(tmp_path / "home"), cwd=tmp_path,
+    add_snapshot(repo, "c" * 40, only_hdf5)
+    set_ref(repo, "main", "c" * 40)
+    set_ref(repo, "v1", "c" * 40)
+    proc = subprocess.run([sys.executable, "-c", HUB], env=offline_env(tmp_path / "home"), cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "torch.Size([1, 6, 32]) (3, 2, 32)" in proc.stdout

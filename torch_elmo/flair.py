@@ -25,8 +25,6 @@ from __future__ import annotations
 import os
 from typing import Any, Optional, Sequence, Union
 
-import torch
-
 from .config import ElmoError, Options
 from .embed import ElmoEmbedder
 from .export import load_bilm
