@@ -220,11 +220,13 @@ def same_architecture(a: Options, b: Options) -> bool:
     return da == db and a.bidirectional == b.bidirectional
 
 
-def export_run(save_dir: str | os.PathLike, out_dir: str | os.PathLike) -> tuple[str, str]:
-    """A training run's biLM -> out_dir/options.json (inference form) + weights.hdf5."""
+def export_run(save_dir: str | os.PathLike, out_dir: str | os.PathLike,
+               safetensors: bool = False) -> tuple[str, str]:
+    """A training run's biLM -> out_dir/options.json (inference form) + weights.hdf5 (and
+    weights.safetensors with `safetensors`)."""
     path = os.path.join(save_dir, CHECKPOINT)
     ckpt = load_checkpoint(path)
     model = BiLM(checkpoint_options(ckpt, path))
     model.load_state_dict(ckpt["model"])
-    return export_model(model, out_dir)
+    return export_model(model, out_dir, safetensors=safetensors)
 

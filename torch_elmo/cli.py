@@ -90,6 +90,8 @@ def _test_parser(p: argparse.ArgumentParser) -> None:
 def _export_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-dir", required=True, help="training run directory")
     p.add_argument("--out", required=True, help="directory for options.json + weights.hdf5")
+    p.add_argument("--safetensors", action="store_true",
+                   help="also write weights.safetensors (the same arrays; needs safetensors)")
 
 
 def _embed_parser(p: argparse.ArgumentParser) -> None:
@@ -412,7 +414,8 @@ def cmd_export(args) -> int:
     from .checkpoint import export_run
     from .outputs import check_output
     check_output(args.out, "--out", directory=True)
-    options_file, weight_file = export_run(args.save_dir, args.out)
+    options_file, weight_file = export_run(args.save_dir, args.out,
+                                           safetensors=getattr(args, "safetensors", False))
     print(f"wrote {options_file} and {weight_file}")
     return 0
 

@@ -6,7 +6,14 @@ PyTorch layout (model.py). The forget bias is not stored (TF adds it at run time
 
     load_bilm(options_file, weight_file) -> BiLM        read released / bilm-tf / our files
     save_weights(model, path)                          write the dump_weights layout (atomic)
-    export_model(model, out_dir)                       options.json (inference form) + weights.hdf5
+    save_safetensors(model, path)                      the same arrays as weights.safetensors
+    export_model(model, out_dir, safetensors=False)    options.json (inference form) + weights.hdf5
+                                                       (+ weights.safetensors)
+
+weights.safetensors holds exactly the HDF5 file's datasets: the dataset names are its keys and the
+arrays are the same float32 TF-layout arrays, so either file loads bit for bit the same model;
+`load_weights` reads a path ending in `.safetensors` as one. The `safetensors` package is needed
+only for that format (`pip install 'torch-elmo[hub]'`).
 """
 from __future__ import annotations
 
@@ -78,39 +85,28 @@ def _tf_arrays(model: BiLM) -> Iterator[tuple[str, np.ndarray, torch.Tensor, cal
             yield f"{prefix}/W_P_0", np_(cell.proj_weight).T, cell.proj_weight, lambda a: a.T
 
 
-def load_weights(model: BiLM, weight_file: str | os.PathLike) -> BiLM:
-    """Fill `model` from a bilm-tf weights.hdf5. Errors name the file, the dataset and both
-    shapes; a truncated or non-HDF5 file gives one line, not an h5py trace."""
-    path = os.fspath(weight_file)
-    try:
-        f = h5py.File(path, "r")
-    except FileNotFoundError:
-        raise ElmoError(f"{path}: weight file not found") from None
-    except OSError as e:
-        raise ElmoError(f"{path}: cannot read as HDF5 (truncated or not an HDF5 file): {e}") from None
+def _fill(model: BiLM, path: str, lookup, present: list[str]) -> BiLM:
+    """Copy every array of the name table into `model`. `lookup(name)` -> None when the file has
+    no such entry, else (shape, read) with read() -> the float32 array; `present`: every entry
+    name of the file. NaN/inf values are refused; a structural entry the options do not use
+    means the options belong to another model."""
     used = set()
-    with f, torch.no_grad():
+    with torch.no_grad():
         for name, expected, param, to_torch in _tf_arrays(model):
             used.add(name)
-            if name not in f:
+            entry = lookup(name)
+            if entry is None:
                 raise ElmoError(f"{path}: missing dataset '{name}' (the options expect it)")
-            ds = f[name]
-            if not isinstance(ds, h5py.Dataset):
-                raise ElmoError(f"{path}: '{name}' is a group, expected a dataset")
-            if tuple(ds.shape) != expected.shape:
-                raise ElmoError(f"{path}: dataset '{name}' has shape {tuple(ds.shape)} but the "
+            shape, read = entry
+            if shape != expected.shape:
+                raise ElmoError(f"{path}: dataset '{name}' has shape {shape} but the "
                                 f"options imply {expected.shape}")
-            try:
-                value = np.asarray(ds[...], dtype=np.float32)
-            except (OSError, RuntimeError, KeyError) as e:
-                raise ElmoError(f"{path}: cannot read dataset '{name}' (truncated file?): {e}") from None
+            value = read()
             if not np.isfinite(value).all():
                 bad = int((~np.isfinite(value)).sum())
                 raise ElmoError(f"{path}: dataset '{name}' holds {bad} NaN/inf value(s); the "
                                 f"weights are broken (a diverged run?)")
             param.copy_(torch.from_numpy(np.ascontiguousarray(to_torch(value))))
-        present = []
-        f.visititems(lambda n, obj: present.append(n) if isinstance(obj, h5py.Dataset) else None)
     unused = sorted(set(present) - used)
     structural = [n for n in unused if _STRUCTURAL.match(n)]
     if structural:
@@ -121,8 +117,75 @@ def load_weights(model: BiLM, weight_file: str | os.PathLike) -> BiLM:
                         f"{model.n_layers} LSTM layers): these options belong to another model")
     if unused:
         warnings.warn(f"{path}: ignoring dataset(s) {', '.join(unused[:5])} (not model weights)",
-                      stacklevel=2)
+                      stacklevel=3)
     return model
+
+
+def load_weights(model: BiLM, weight_file: str | os.PathLike) -> BiLM:
+    """Fill `model` from a bilm-tf weights.hdf5 (or a weights.safetensors, by its suffix). Errors
+    name the file, the dataset and both shapes; a truncated or non-HDF5 file gives one line, not
+    an h5py trace."""
+    path = os.fspath(weight_file)
+    if path.endswith(".safetensors"):
+        return load_safetensors(model, path)
+    try:
+        f = h5py.File(path, "r")
+    except FileNotFoundError:
+        raise ElmoError(f"{path}: weight file not found") from None
+    except OSError as e:
+        raise ElmoError(f"{path}: cannot read as HDF5 (truncated or not an HDF5 file): {e}") from None
+
+    def lookup(name: str):
+        if name not in f:
+            return None
+        ds = f[name]
+        if not isinstance(ds, h5py.Dataset):
+            raise ElmoError(f"{path}: '{name}' is a group, expected a dataset")
+
+        def read() -> np.ndarray:
+            try:
+                return np.asarray(ds[...], dtype=np.float32)
+            except (OSError, RuntimeError, KeyError) as e:
+                raise ElmoError(f"{path}: cannot read dataset '{name}' (truncated file?): {e}") from None
+        return tuple(ds.shape), read
+
+    with f:
+        present: list[str] = []
+        f.visititems(lambda n, obj: present.append(n) if isinstance(obj, h5py.Dataset) else None)
+        return _fill(model, path, lookup, present)
+
+
+def _safetensors():
+    try:
+        import safetensors
+        import safetensors.numpy
+    except ImportError:
+        raise ElmoError("weights.safetensors needs the safetensors package: "
+                        "pip install 'torch-elmo[hub]'") from None
+    return safetensors
+
+
+def load_safetensors(model: BiLM, weight_file: str | os.PathLike) -> BiLM:
+    """Fill `model` from a weights.safetensors written by `save_safetensors` (keys = the HDF5
+    dataset names). A truncated or foreign file gives one line."""
+    st = _safetensors()
+    path = os.fspath(weight_file)
+    try:
+        f = st.safe_open(path, framework="numpy")
+    except FileNotFoundError:
+        raise ElmoError(f"{path}: weight file not found") from None
+    except Exception as e:  # SafetensorError: a bad header, a truncated file
+        raise ElmoError(f"{path}: cannot read as safetensors (truncated or not a safetensors "
+                        f"file): {e}") from None
+    with f:
+        keys = set(f.keys())
+
+        def lookup(name: str):
+            if name not in keys:
+                return None
+            return (tuple(f.get_slice(name).get_shape()),
+                    lambda: np.asarray(f.get_tensor(name), dtype=np.float32))
+        return _fill(model, path, lookup, sorted(keys))
 
 
 def save_weights(model: BiLM, weight_file: str | os.PathLike) -> None:
@@ -147,11 +210,28 @@ def load_bilm(options_file: str | os.PathLike, weight_file: str | os.PathLike) -
     return model.eval()
 
 
-def export_model(model: BiLM, out_dir: str | os.PathLike) -> tuple[str, str]:
-    """out_dir/options.json (inference form, n_characters 262) + out_dir/weights.hdf5."""
+def save_safetensors(model: BiLM, weight_file: str | os.PathLike) -> None:
+    """The arrays `save_weights` writes, as one safetensors file keyed by the same dataset names
+    (temp file + rename, like the HDF5)."""
+    st = _safetensors()
+    path = os.fspath(weight_file)
+    arrays: dict[str, np.ndarray] = {}
+    for name, value, _, _ in _tf_arrays(model):
+        arrays.setdefault(name, np.ascontiguousarray(value, dtype=np.float32))
+    check_free_space(path, sum(a.nbytes for a in arrays.values()) + (1 << 20), "weights")
+    with atomic_path(path) as tmp:
+        st.numpy.save_file(arrays, tmp, metadata={"format": "bilm-tf"})
+
+
+def export_model(model: BiLM, out_dir: str | os.PathLike,
+                 safetensors: bool = False) -> tuple[str, str]:
+    """out_dir/options.json (inference form, n_characters 262) + out_dir/weights.hdf5, and with
+    `safetensors=True` also out_dir/weights.safetensors (the same arrays)."""
     os.makedirs(out_dir, exist_ok=True)
     options_file = os.path.join(out_dir, "options.json")
     weight_file = os.path.join(out_dir, "weights.hdf5")
     save_weights(model, weight_file)
+    if safetensors:
+        save_safetensors(model, os.path.join(out_dir, "weights.safetensors"))
     write_options(model.options, options_file, inference=True)
     return options_file, weight_file

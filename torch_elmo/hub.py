@@ -2,11 +2,14 @@
 
     resolve_model(model) -> (options_file, weight_file)
 
-`model` is either a directory or a pretrained name:
+`model` is a directory, a pretrained name or a Hugging Face Hub address:
 
 * a directory holding `options.json` + `weights.hdf5` (what `export_model` writes); also accepted:
   bilm-tf's `lm_weights.hdf5`, and a single `*options.json` / `*weights.hdf5` pair with the
-  allennlp download names (`elmo_2x1024_128_2048cnn_1xhighway_options.json`, ...);
+  allennlp download names (`elmo_2x1024_128_2048cnn_1xhighway_options.json`, ...); a directory
+  with no HDF5 but a `weights.safetensors` loads from that;
+* `hf://owner/name[@revision][/subfolder]`: options.json + weights.hdf5 (or weights.safetensors)
+  from a Hub repository, through huggingface_hub and its cache (`resolve_hf`);
 * a name from `PRETRAINED` (`small`, `medium`, `original`, `original-5.5B`): the files published
   by AllenNLP, downloaded once into `cache_dir()/<name>/` (`$TORCH_ELMO_CACHE`, default
   `~/.cache/torch_elmo`).
@@ -199,11 +202,17 @@ def _find(folder: Path, exact: tuple[str, ...], suffix: str, what: str) -> Path:
 
 
 def resolve_model(model: str | os.PathLike, progress: Optional[bool] = None) -> tuple[str, str]:
-    """A model directory or a pretrained name -> (options_file, weight_file)."""
+    """A model directory, a pretrained name or an hf:// address -> (options_file, weight_file)."""
+    if str(model).startswith(HF_PREFIX):
+        return resolve_hf(str(model))
     path = Path(model)
     if path.is_dir():
-        what = "options.json + weights.hdf5"
+        what = "options.json + weights.hdf5 (or weights.safetensors)"
         options = _find(path, ("options.json",), "options.json", what)
+        # the HDF5 when there is one; a folder with only a weights.safetensors loads from that
+        if not any(path.glob("*weights.hdf5")) and any(path.glob("*weights.safetensors")):
+            return str(options), str(_find(path, ("weights.safetensors",), "weights.safetensors",
+                                           what))
         weights = _find(path, ("weights.hdf5", "lm_weights.hdf5"), "weights.hdf5", what)
         return str(options), str(weights)
     if str(model) in PRETRAINED:
@@ -213,3 +222,71 @@ def resolve_model(model: str | os.PathLike, progress: Optional[bool] = None) -> 
                         f"weights.hdf5")
     raise ElmoError(f"model {str(model)!r}: no such directory, and not a pretrained name "
                     f"({', '.join(PRETRAINED)})")
+
+
+# --------------------------------------------------------------------------- Hugging Face Hub
+HF_PREFIX = "hf://"
+HF_WEIGHTS = ("weights.hdf5", "weights.safetensors")
+
+
+def parse_hf(address: str) -> tuple[str, Optional[str], Optional[str]]:
+    """`hf://owner/name[@revision][/subfolder]` -> (repo_id, revision, subfolder). The revision
+    (a branch, tag or commit hash) ends at the next `/`."""
+    rest = address[len(HF_PREFIX):] if address.startswith(HF_PREFIX) else address
+    owner, _, rest = rest.partition("/")
+    name, _, subfolder = rest.partition("/")
+    name, _, revision = name.partition("@")
+    if not owner or not name or "@" in owner:
+        raise ElmoError(f"{address}: expected hf://owner/name[@revision][/subfolder]")
+    return f"{owner}/{name}", revision or None, subfolder.strip("/") or None
+
+
+def resolve_hf(address: str) -> tuple[str, str]:
+    """(options_file, weight_file) of a model on the Hugging Face Hub, through huggingface_hub's
+    `hf_hub_download`: its cache ($HF_HOME / $HF_HUB_CACHE), revision pinning, token and
+    HF_HUB_OFFLINE=1 (cached files only) apply as they do for any Hub model. The repository
+    (or its subfolder) holds options.json + weights.hdf5 or weights.safetensors (what
+    `export_model(..., safetensors=True)` writes); the HDF5 is taken when both are there."""
+    try:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.utils import (EntryNotFoundError, HfHubHTTPError,
+                                           LocalEntryNotFoundError, RepositoryNotFoundError,
+                                           RevisionNotFoundError)
+    except ImportError:
+        raise ElmoError(f"{address}: hf:// models need huggingface_hub: "
+                        f"pip install 'torch-elmo[hub]'") from None
+    repo_id, revision, subfolder = parse_hf(address)
+    not_cached: list[str] = []
+
+    def get(filename: str) -> Optional[str]:
+        """The file's local path; None when the repository (or, offline, the cache) lacks it."""
+        try:
+            return hf_hub_download(repo_id, filename, subfolder=subfolder, revision=revision)
+        except LocalEntryNotFoundError:  # HF_HUB_OFFLINE=1 or no connection, and not cached
+            not_cached.append(filename)
+            return None
+        except EntryNotFoundError:
+            return None
+        except RepositoryNotFoundError:
+            raise ElmoError(f"{address}: no repository {repo_id} on the Hub (or it is private: "
+                            f"log in with `hf auth login` or set HF_TOKEN)") from None
+        except RevisionNotFoundError:
+            raise ElmoError(f"{address}: no revision {revision!r} in {repo_id}") from None
+        except (HfHubHTTPError, OSError, ValueError) as e:  # HTTP errors, a malformed repo id
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ElmoError(f"{address}: {first}") from None
+
+    options = get("options.json")
+    weights = None
+    if options is not None:
+        for filename in HF_WEIGHTS:
+            weights = get(filename)
+            if weights is not None:
+                break
+    if options is None or weights is None:
+        missing = "options.json" if options is None else " or ".join(HF_WEIGHTS)
+        where = (" in the local cache (HF_HUB_OFFLINE=1, or the Hub could not be reached)"
+                 if not_cached else "")
+        raise ElmoError(f"{address}: no {missing}{where}; a model on the Hub holds options.json "
+                        f"+ weights.hdf5 (or weights.safetensors)")
+    return options, weights

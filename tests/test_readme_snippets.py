@@ -1,0 +1,158 @@
+"""README "Use it from ..." snippets, run as written (a tiny random model in place of the
+pretrained one, a CoNLL-2003 slice, one epoch). Keep each string identical to its README block:
+only the replacements listed beside it are applied, and each must still match."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from conftest import shared_path
+from test_hub_hf import add_snapshot, offline_env, set_ref
+from torch_elmo import BiLM, export_model, preset
+
+SKLEARN = '''\
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import GridSearchCV, cross_val_score
+from sklearn.pipeline import make_pipeline
+from torch_elmo.sklearn import ElmoVectorizer
+
+texts = ["a great movie", "an awful film", "great acting , great plot", "awful , just awful",
+         "I loved it", "I hated it", "what a great cast", "a dull and awful script"]
+labels = [1, 0, 1, 0, 1, 0, 1, 0]
+
+clf = make_pipeline(ElmoVectorizer(model="small", layers="all", pooling="mean"),
+                    LogisticRegression(max_iter=1000))
+print(cross_val_score(clf, texts, labels, cv=2))
+search = GridSearchCV(clf, {"elmovectorizer__pooling": ["mean", "max"]}, cv=2).fit(texts, labels)
+print(search.best_params_, search.predict(["a great film"]))
+'''
+
+FLAIR = '''\
+from flair.datasets import ColumnCorpus
+from flair.models import SequenceTagger
+from flair.trainers import ModelTrainer
+from torch_elmo.flair import ElmoEmbeddings
+
+corpus = ColumnCorpus("conll2003/", {0: "text", 3: "ner"}, train_file="eng.train",
+                      dev_file="eng.testa", test_file="eng.testb")
+tagger = SequenceTagger(hidden_size=256, embeddings=ElmoEmbeddings("small", layers="all"),
+                        tag_dictionary=corpus.make_label_dictionary("ner", add_unk=False),
+                        tag_type="ner")
+ModelTrainer(tagger, corpus).train("runs/ner", max_epochs=10)
+tagger = SequenceTagger.load("runs/ner/final-model.pt")  # needs `import torch_elmo.flair`
+'''
+
+HUB = '''\
+import torch_elmo
+
+elmo = torch_elmo.load("hf://your-name/elmo-small@v1")        # a tag, branch or commit hash
+out = elmo(["Nothing suits me like a suit"])
+embedder = torch_elmo.ElmoEmbedder("hf://your-name/elmo-small")  # the main branch
+print(out["elmo"].shape, embedder.embed_sentence(["a", "suit"]).shape)
+'''
+
+SAFETENSORS = '''\
+import torch_elmo
+
+elmo = torch_elmo.load("small")
+torch_elmo.export_model(elmo.bilm, "my-elmo", safetensors=True)
+# my-elmo/ now holds options.json, weights.hdf5 and weights.safetensors (the same arrays); a
+# folder (or a Hub repository) with options.json + weights.safetensors alone loads as well
+again = torch_elmo.load("my-elmo")
+'''
+
+
+ENCODE = '''\
+import torch_elmo
+
+vectors = torch_elmo.load("model/").encode(["a first sentence", "another one"], batch_size=32,
+                                           pooling="mean", layers="average")   # (2, 2P) numpy
+'''
+
+
+def _replaced(code: str, replacements: dict) -> str:
+    for old, new in replacements.items():
+        assert old in code, f"the snippet no longer contains {old!r}"
+        code = code.replace(old, new)
+    return code
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    torch.manual_seed(1234)
+    out = tmp_path_factory.mktemp("tiny")
+    export_model(BiLM(preset("tiny")).eval(), out, safetensors=True)
+    return out
+
+
+def _run_here(code: str, cwd) -> None:
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        exec(compile(code, "<README snippet>", "exec"), {"__name__": "__snippet__"})
+    finally:
+        os.chdir(old)
+
+
+def test_sklearn_snippet(tiny_dir, tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    _run_here(_replaced(SKLEARN, {'"small"': repr(str(tiny_dir))}), tmp_path)
+    assert "elmovectorizer__pooling" in capsys.readouterr().out
+
+
+def test_flair_snippet(tiny_dir, tmp_path):
+    pytest.importorskip("flair")
+    from test_flair import conll_slice
+    conll = shared_path("data", "conll2003")
+    (tmp_path / "conll2003").mkdir()
+    for name, n in (("eng.train", 40), ("eng.testa", 10), ("eng.testb", 10)):
+        conll_slice(conll / name, tmp_path / "conll2003" / name, n)
+    _run_here(_replaced(FLAIR, {'"small"': repr(str(tiny_dir)), "hidden_size=256": "hidden_size=8",
+                                "max_epochs=10": "max_epochs=1"}), tmp_path)
+    assert (tmp_path / "runs" / "ner" / "final-model.pt").is_file()
+
+
+def test_hub_snippet(tiny_dir, tmp_path):
+    pytest.importorskip("huggingface_hub")
+    repo = tmp_path / "home" / "hub" / "models--your-name--elmo-small"
+    only_hdf5 = tmp_path / "m"
+    only_hdf5.mkdir()
+    for name in ("options.json", "weights.hdf5"):
+        (only_hdf5 / name).write_bytes((tiny_dir / name).read_bytes())
+    add_snapshot(repo, "c" * 40, only_hdf5)
+    set_ref(repo, "main", "c" * 40)
+    set_ref(repo, "v1", "c" * 40)
+    proc = subprocess.run([sys.executable, "-c", HUB], env=offline_env(tmp_path / "home"), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "torch.Size([1, 6, 32]) (3, 2, 32)" in proc.stdout
+
+
+def test_safetensors_snippet(tiny_dir, tmp_path):
+    pytest.importorskip("safetensors")
+    _run_here(_replaced(SAFETENSORS, {'"small"': repr(str(tiny_dir))}), tmp_path)
+    assert sorted(p.name for p in (tmp_path / "my-elmo").iterdir()) == \
+        ["options.json", "weights.hdf5", "weights.safetensors"]
+
+
+def test_import_torch_elmo_imports_no_optional_package():
+    code = textwrap.dedent("""
+        import sys, torch_elmo, torch_elmo.hub, torch_elmo.export
+        print(sorted(m for m in ("sklearn", "flair", "huggingface_hub", "safetensors")
+                     if m in sys.modules))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_encode_snippet_matches_the_readme(tiny_dir, tmp_path):
+    from conftest import REPO
+    assert ENCODE in (REPO / "README.md").read_text()
+    scope = {"__name__": "__snippet__"}
+    exec(compile(_replaced(ENCODE, {'"model/"': repr(str(tiny_dir))}), "<README>", "exec"), scope)
+    assert scope["vectors"].shape == (2, 32)
+
