@@ -460,3 +460,13 @@ def test_fast_recipe_trains_resumes_and_keeps_its_recipe(capsys, corpus):
     rc, out, err = _run_cli(capsys, _cli_train(data_file, vocab, run, opts, "--resume",
                                                "--recipe", "bilm-tf", "--max-tokens", "600"))
     assert rc == 2 and "recipe" in _error_line(err)
+
+
+def test_cli_export_writes_safetensors_too(tiny_runs, tmp_path, capsys):
+    pytest.importorskip("safetensors")
+    save_dir, _ = tiny_runs[True]
+    out = tmp_path / "exp"
+    assert main(["export", "--save-dir", save_dir, "--out", str(out), "--safetensors"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["options.json", "weights.hdf5",
+                                                      "weights.safetensors"]
+

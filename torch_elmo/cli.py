@@ -99,8 +99,8 @@ def _embed_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="dir with options.json + weights.hdf5, or a pretrained name "
                         "(small, medium, original, original-5.5B; downloaded once, cached in "
-                        "$TORCH_ELMO_CACHE or ~/.cache/torch_elmo); or --options-file + "
-                        "--weight-file")
+                        "$TORCH_ELMO_CACHE or ~/.cache/torch_elmo), or hf://owner/name[@rev]"
+                        "[/subfolder] (Hugging Face Hub); or --options-file + --weight-file")
     p.add_argument("--options-file", default=None,
                    help="allennlp's form: options.json (with --weight-file, instead of --model)")
     p.add_argument("--weight-file", default=None,
