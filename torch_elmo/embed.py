@@ -413,6 +413,50 @@ def embedded_lines(embedder: ElmoEmbedder, sentences: Sequence[Sequence[str]],
                 yield line, parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
 
 
+LAYER_NAMES = ("all", "average", "top")
+POOLINGS = ("mean", "max", "first", "last", "mean+max")
+
+
+def select_layers(spec, n: int, who: str) -> Optional[list[int]]:
+    """The layer indices a `layers=` argument picks out of n = L + 1 layers ("all", "top", an
+    int or a list of ints, negative counting from the top; concatenated by `layer_tokens`), or
+    None for "average" (the layers' mean). One-line errors name `who`."""
+    if isinstance(spec, str):
+        if spec not in LAYER_NAMES:
+            raise ElmoError(f"{who}: layers must be one of {', '.join(LAYER_NAMES)}, an int or a "
+                            f"list of ints, got {spec!r}")
+        return {"all": list(range(n)), "average": None, "top": [n - 1]}[spec]
+    picks = [spec] if isinstance(spec, (int, np.integer)) else list(spec)
+    for k in picks:
+        if not isinstance(k, (int, np.integer)) or not -n <= k < n:
+            raise ElmoError(f"{who}: layer {k!r} out of range for a model with {n} layers "
+                            f"(0 = the token layer)")
+    if not picks:
+        raise ElmoError(f"{who}: layers is an empty list")
+    return [int(k) % n for k in picks]
+
+
+def layer_tokens(layers: np.ndarray, picks: Optional[list[int]]) -> np.ndarray:
+    """(L + 1, n, 2P) -> (n, D): the mean of the layers (picks None) or the picked layers side by
+    side (D = len(picks) * 2P)."""
+    if picks is None:
+        return layers.mean(axis=0)
+    return layers[picks].transpose(1, 0, 2).reshape(layers.shape[1], -1)
+
+
+def pool_tokens(tokens: np.ndarray, pooling: str) -> np.ndarray:
+    """(n, D) -> (D,) (`mean+max`: (2D,)); n >= 1."""
+    if pooling == "mean":
+        return tokens.mean(axis=0)
+    if pooling == "max":
+        return tokens.max(axis=0)
+    if pooling == "first":
+        return tokens[0]
+    if pooling == "last":
+        return tokens[-1]
+    return np.concatenate([tokens.mean(axis=0), tokens.max(axis=0)])
+
+
 def reduce_layers(emb: np.ndarray, layers: str) -> np.ndarray:
     """(3, n, 2P) -> itself (`all`), layer 2 (`top`, (n, 2P)) or the layers' mean (`average`)."""
     if layers == "top":

@@ -26,7 +26,7 @@ import os
 from typing import Any, Optional, Sequence, Union
 
 from .config import ElmoError, Options
-from .embed import ElmoEmbedder
+from .embed import ElmoEmbedder, select_layers
 from .export import load_bilm
 from .hub import resolve_model
 from .model import BiLM
@@ -39,7 +39,6 @@ try:
 except ImportError:
     raise ElmoError("torch_elmo.flair needs flair: pip install 'torch-elmo[flair]'") from None
 
-LAYER_NAMES = ("all", "average", "top")
 
 
 @register_embeddings("torch_elmo.ElmoEmbeddings")  # the name saved flair models refer to
@@ -70,17 +69,7 @@ class ElmoEmbeddings(TokenEmbeddings):
 
     def _layer_indices(self, n: int) -> Optional[list[int]]:
         """The chosen layer indices of the n = L + 1 layers; None for "average"."""
-        spec = self.layers
-        if isinstance(spec, str):
-            if spec not in LAYER_NAMES:
-                raise ElmoError(f"ElmoEmbeddings: layers must be one of {', '.join(LAYER_NAMES)}, "
-                                f"an int or a list of ints, got {spec!r}")
-            return {"all": list(range(n)), "average": None, "top": [n - 1]}[spec]
-        picks = [spec] if isinstance(spec, int) else list(spec)
-        if not picks or any(not -n <= k < n for k in picks):
-            raise ElmoError(f"ElmoEmbeddings: layers {spec!r} out of range for a model with {n} "
-                            f"layers (0 = the token layer)")
-        return [k % n for k in picks]
+        return select_layers(self.layers, n, "ElmoEmbeddings")
 
     @property
     def embedding_length(self) -> int:

@@ -24,15 +24,15 @@ from tqdm import tqdm
 
 from .chars import BOS_TOKEN, EOS_TOKEN, batch_to_ids, check_batch
 from .config import ElmoError
-from .device import resolve_device
-from .device import device_of
-from .embed import (DEFAULT_STATE, ElmoEmbedder, InitialState, check_char_ids, check_state,
-                    length_sorted_batches, remove_sentence_boundaries, resolve_bilm, run_bilm,
-                    run_bilm_ids)
-from .token_cache import TokenEmbeddingCache
+from .device import device_of, resolve_device
+from .embed import (DEFAULT_STATE, POOLINGS, ElmoEmbedder, InitialState, check_char_ids,
+                    check_state, layer_tokens, length_sorted_batches, pool_tokens,
+                    remove_sentence_boundaries, resolve_bilm, run_bilm, run_bilm_ids,
+                    select_layers)
 from .export import export_model, load_bilm, save_weights
 from .hub import resolve_model
 from .model import FORGET_BIAS, BiLM
+from .token_cache import TokenEmbeddingCache
 
 
 # ------------------------------------------------------------------------------------ ScalarMix
@@ -423,28 +423,25 @@ class ElmoModel(nn.Module):
         """One vector per sentence, the way sentence-transformers' `encode` gives them: (n, 2P)
         numpy float32 (or a tensor with convert_to_tensor / convert_to_numpy=False), in input
         order, computed in length-sorted batches. A sentence is a whitespace-tokenized string or
-        a list of tokens; one string gives one vector (2P,). `layers`: "average" (the mean of
-        the 3 ELMo layers), "top", or a list of layer indices to average; `pooling`: "mean" or
-        "max" over the tokens (an empty sentence gives zeros). Deterministic unless the model's
-        state is "carry"."""
-        if pooling not in ("mean", "max"):
-            raise ElmoError(f"encode: pooling must be 'mean' or 'max', got {pooling!r}")
-        n_layers = self.bilm.n_layers + 1
-        picked = (list(range(n_layers)) if layers == "average" else [n_layers - 1]
-                  if layers == "top" else list(layers) if not isinstance(layers, str) else None)
-        if not picked or any(not isinstance(k, int) or not 0 <= k < n_layers for k in picked):
-            raise ElmoError(f"encode: layers must be 'average', 'top' or indices in "
-                            f"0..{n_layers - 1}, got {layers!r}")
+        a list of tokens; one string gives one vector. `layers` and `pooling` as ElmoVectorizer's
+        (embed.select_layers / pool_tokens): "average" (the mean of the 3 layers, 2P wide, the
+        default), "top", "all" or layer indices side by side; "mean", "max", "first", "last",
+        "mean+max" over the tokens (an empty sentence gives zeros). Deterministic unless the
+        model's state is "carry"."""
+        if pooling not in POOLINGS:
+            raise ElmoError(f"encode: pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+        picks = select_layers(layers, self.bilm.n_layers + 1, "encode")
         single = isinstance(sentences, str)
         batch = [s.split() if isinstance(s, str) else list(s)
                  for s in ([sentences] if single else sentences)]
-        out = np.zeros((len(batch), self.output_dim), dtype=np.float32)
+        width = (self.output_dim * (1 if picks is None else len(picks))
+                 * (2 if pooling == "mean+max" else 1))
+        out = np.zeros((len(batch), width), dtype=np.float32)
         order = list(length_sorted_batches([len(s) for s in batch], batch_size))
         for idx in tqdm(order, disable=not show_progress_bar, unit="batch", desc="encode"):
             for i, emb in zip(idx, self.embedder.embed_batch([batch[i] for i in idx])):
-                if emb.shape[1]:                                   # (3, n, 2P) -> (n, 2P)
-                    tokens = emb[picked].mean(axis=0)
-                    out[i] = tokens.mean(axis=0) if pooling == "mean" else tokens.max(axis=0)
+                if emb.shape[1]:                                   # (3, n, 2P) -> (D,)
+                    out[i] = pool_tokens(layer_tokens(emb, picks), pooling)
         if normalize_embeddings:
             out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
         if convert_to_tensor or not convert_to_numpy:

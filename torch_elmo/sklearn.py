@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from .config import ElmoError
-from .embed import ElmoEmbedder
+from .embed import POOLINGS, ElmoEmbedder, layer_tokens, pool_tokens, select_layers
 from .export import load_bilm
 from .hub import resolve_model
 
@@ -45,8 +45,6 @@ except ImportError:
     raise ElmoError("torch_elmo.sklearn needs scikit-learn: pip install 'torch-elmo[sklearn]'") \
         from None
 
-LAYER_NAMES = ("all", "average", "top")
-POOLINGS = ("mean", "max", "first", "last", "mean+max")
 
 
 @functools.lru_cache(maxsize=2)
@@ -90,20 +88,7 @@ class ElmoVectorizer(TransformerMixin, BaseEstimator):
     # ------------------------------------------------------------------------------ parameters
     def _layer_indices(self, n: int) -> Optional[list[int]]:
         """The chosen layer indices of the n = L + 1 layers; None for "average"."""
-        spec = self.layers
-        if isinstance(spec, str):
-            if spec not in LAYER_NAMES:
-                raise ElmoError(f"ElmoVectorizer: layers must be one of {', '.join(LAYER_NAMES)}, "
-                                f"an int or a list of ints, got {spec!r}")
-            return {"all": list(range(n)), "average": None, "top": [n - 1]}[spec]
-        picks = [spec] if isinstance(spec, (int, np.integer)) else list(spec)
-        for k in picks:
-            if not isinstance(k, (int, np.integer)) or not -n <= k < n:
-                raise ElmoError(f"ElmoVectorizer: layer {k!r} out of range for a model with "
-                                f"{n} layers (0 = the token layer)")
-        if not picks:
-            raise ElmoError("ElmoVectorizer: layers is an empty list")
-        return [int(k) % n for k in picks]
+        return select_layers(self.layers, n, "ElmoVectorizer")
 
     def _check_params(self) -> None:
         if self.pooling not in POOLINGS:
@@ -163,20 +148,8 @@ class ElmoVectorizer(TransformerMixin, BaseEstimator):
 
     def _pool(self, layers: np.ndarray) -> np.ndarray:
         # layers: (L + 1, n, 2P) of one text
-        picks = self._layer_indices(layers.shape[0])
-        if picks is None:
-            tokens = layers.mean(axis=0)  # (n, 2P)
-        else:
-            tokens = layers[picks].transpose(1, 0, 2).reshape(layers.shape[1], -1)  # (n, k*2P)
-        if self.pooling == "mean":
-            return tokens.mean(axis=0)
-        if self.pooling == "max":
-            return tokens.max(axis=0)
-        if self.pooling == "first":
-            return tokens[0]
-        if self.pooling == "last":
-            return tokens[-1]
-        return np.concatenate([tokens.mean(axis=0), tokens.max(axis=0)])  # mean+max
+        return pool_tokens(layer_tokens(layers, self._layer_indices(layers.shape[0])),
+                           self.pooling)
 
     def get_feature_names_out(self, input_features=None) -> np.ndarray:
         check_is_fitted(self, "n_features_out_")
