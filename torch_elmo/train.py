@@ -38,8 +38,8 @@ from .evaluate import perplexity
 from .lm import LanguageModel, LogUniformSampler
 from .metrics import METRICS, PLOT, append_jsonl, fmt_time, plot_perplexity, read_metrics
 from .outputs import atomic_text
-from .textio import BadLines, iter_sentences
-from .vocab import Vocabulary
+from .textio import BadLines
+from .vocab import Vocabulary, count_words
 
 
 def make_optimizer(params, learning_rate: float) -> torch.optim.Optimizer:
@@ -99,18 +99,12 @@ def count_training_tokens(files: list[str], vocab: Vocabulary) -> int:
     """One pass over the training data: the number of tokens (n_train_tokens), and checks of the
     vocabulary against it: refused when it covers none of the tokens (every target would be
     <UNK>), a warning when it covers little or is not sorted by descending frequency."""
-    counts: dict[str, int] = {}
-    total = 0
     bad = BadLines()
-    for path in files:
-        for _, tokens in iter_sentences(path, bad):
-            total += len(tokens)
-            for t in tokens:
-                if t in vocab:
-                    counts[t] = counts.get(t, 0) + 1
+    counts = count_words(files, bad)                  # the one corpus count (vocab.py)
     if bad.count > bad.named:
         warnings.warn(f"{bad.count} non-UTF-8 line(s) skipped in total")
-    covered = sum(counts.values())
+    total = sum(counts.values())
+    covered = sum(c for t, c in counts.items() if t in vocab)
     if total and covered == 0:
         raise ElmoError(f"{vocab.source}: covers none of the {total:,} training tokens (every "
                         f"target would be <UNK>): build it from this corpus with `elmo vocab`")
