@@ -173,12 +173,6 @@ def pool_features(layers: Sequence[np.ndarray], proj_dim: int) -> dict[str, np.n
     return {"elmo": elmo, "layer0": layer0}
 
 
-def sentence_features(embedder, sentences, kind: str, batch_size: int = 64,
-                      progress: Optional[str] = None) -> np.ndarray:
-    layers = embed_layers(embedder, sentences, batch_size, progress=progress)
-    return pool_features(layers, embedder.model.proj_dim)[kind]
-
-
 # ----------------------------------------------------------------------------------- classifiers
 C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
 ALPHA_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
