@@ -168,6 +168,17 @@ def _worker_pid(parent: int, rank: int, timeout: float = LAUNCH_TIMEOUT) -> int:
     raise AssertionError(f"no worker with RANK={rank} under pid {parent}")
 
 
+def _child_pid(parent: int) -> int:
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == parent:
+                    return int(pid)
+        except OSError:
+            continue
+    raise AssertionError(f"no child of pid {parent}")
+
+
 def test_killed_rank_stops_the_job_with_a_clear_message_and_resume_continues(setup, tmp_path):
     save = tmp_path / "killed"
     proc = subprocess.Popen(_torchrun(2) + _train_args(setup, save, "--epochs", "10000",
@@ -291,3 +302,36 @@ def test_embed_under_torchrun_equals_one_process(tmp_path, tiny_model):
     assert carry.returncode != 0 and "carry depends on batch history" in carry.stderr
     assert not (tmp_path / "c.hdf5").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_embed_rank_killed_mid_run_leaves_no_output_and_no_temp_file(tmp_path, tiny_model):
+    from torch_elmo import export_model
+    export_model(tiny_model, tmp_path / "m")
+    rng = np.random.RandomState(0)
+    words = [f"w{i}" for i in range(500)]
+    inp = tmp_path / "in.txt"          # long enough that the ranks are still embedding when killed
+    inp.write_text("".join(" ".join(rng.choice(words, 40)) + "\n" for _ in range(20000)))
+    out = tmp_path / "out.hdf5"
+    proc = subprocess.Popen([sys.executable, "-m", "torch_elmo", "embed", "--model",
+                             str(tmp_path / "m"), "--input", str(inp), "--output", str(out),
+                             "--nproc", "2", "--no-progress"], cwd=REPO, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + LAUNCH_TIMEOUT
+        while not [p for p in tmp_path.iterdir() if p.name.startswith(".out.hdf5.")]:
+            assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
+            time.sleep(0.1)
+        victim = _worker_pid(_child_pid(proc.pid), rank=1)     # elmo -> torchrun -> ranks
+        time.sleep(1.0)                 # rank 0 wrote the layout; the ranks are embedding
+        os.kill(victim, signal.SIGKILL)
+        text, _ = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode != 0
+    ours = [ln for ln in text.splitlines() if ln.startswith("elmo embed: error:")]
+    assert "elmo embed: error: rank 0 lost contact with the group" in text, text[-3000:]
+    assert ours[-1].startswith("elmo embed: error: torchrun with 2 processes exited"), text[-3000:]
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "m"]

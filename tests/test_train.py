@@ -462,6 +462,25 @@ def test_fast_recipe_trains_resumes_and_keeps_its_recipe(capsys, corpus):
     assert rc == 2 and "recipe" in _error_line(err)
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_fast_recipe_uses_bf16_only_where_native(capsys, corpus, monkeypatch, native):
+    # an AVX2-only CPU emulates bf16 (~57x slower matmuls): the recipe then trains in fp32
+    import torch_elmo.train as train_mod
+    monkeypatch.setattr(train_mod, "bf16_native", lambda device: native)
+    tmp, data_file, vocab, opts = corpus
+    rc, out, err = _run_cli(capsys, _cli_train(data_file, vocab, str(tmp / "r"), opts,
+                                               "--recipe", "fast", "--max-tokens", "100"))
+    assert rc == 0, err
+    header = out.splitlines()[0]
+    assert header.endswith("; bf16 autocast" if native else "; fp32 (bf16 is not native here)")
+    # an explicit --bf16 is obeyed, with a warning where bf16 is emulated
+    rc, out, err = _run_cli(capsys, _cli_train(data_file, vocab, str(tmp / "b"), opts,
+                                               "--bf16", "--max-tokens", "100"))
+    assert rc == 0, err
+    assert out.splitlines()[0].endswith("; bf16 autocast")
+    assert ("no native bf16" in err) == (not native)
+
+
 def test_cli_export_writes_safetensors_too(tiny_runs, tmp_path, capsys):
     pytest.importorskip("safetensors")
     save_dir, _ = tiny_runs[True]

@@ -46,7 +46,7 @@ def _train_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-negative-samples", type=int, default=None)
     p.add_argument("--recipe", choices=list(RECIPES), default=None,
                    help="training procedure: bilm-tf (default: its recipe exactly) or fast "
-                        "(AdamW, warm-up, cosine decay over the run's horizon, bf16; README)")
+                        "(AdamW, warm-up, cosine decay over the run's horizon, bf16 where native; README)")
     p.add_argument("--learning-rate", type=float, default=None,
                    help="default: the recipe's (bilm-tf 0.2, fast 1e-2)")
     p.add_argument("--clip-norm", type=float, default=None)

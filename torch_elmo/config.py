@@ -229,7 +229,8 @@ def write_options(options: Options, path: str | os.PathLike, inference: bool = F
 # "bilm-tf" is its train_elmo.py exactly (Adagrad, accumulator 1.0, constant learning rate, the
 # learning_rate option). "fast": AdamW with a linear warm-up and a cosine decay to
 # final_lr_fraction over the run's horizon (its planned updates, or --max-tokens / --max-time,
-# whichever ends first), bf16 autocast; learning_rate is the recipe's unless given; the softmax
+# whichever ends first), bf16 autocast where the device has native bf16 (device.bf16_native;
+# fp32 elsewhere); learning_rate is the recipe's unless given; the softmax
 # gradient is dense (AdamW keeps no sparse state). Chosen by measurement (benchmarks/README.md).
 RECIPES: dict[str, dict] = {
     "bilm-tf": {"optimizer": "adagrad", "schedule": "constant"},

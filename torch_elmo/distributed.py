@@ -26,6 +26,7 @@ from typing import Callable, Optional
 import torch
 
 from .config import ElmoError
+from .outputs import remove_in_progress
 
 
 def all_reduce_gradients(params: list[torch.Tensor], world_size: int,
@@ -204,5 +205,6 @@ def on_sigterm_say_why(rank: int, command: str = "train") -> None:
         print(f"elmo {command}: error: rank {rank} lost contact with the group (stopped by "
               f"torchrun with SIGTERM: another rank failed or the job was cancelled)",
               file=sys.stderr, flush=True)
+        remove_in_progress()        # os._exit runs no `finally`: no temp file left behind
         os._exit(128 + signal.SIGTERM)
     signal.signal(signal.SIGTERM, on_sigterm)

@@ -31,7 +31,7 @@ import os
 import sys
 import warnings
 import weakref
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import h5py
@@ -45,7 +45,7 @@ from .chars import check_batch
 from .device import device_of, resolve_device
 from .export import load_bilm
 from .token_cache import TokenEmbeddingCache
-from .outputs import atomic_path
+from .outputs import atomic_path, check_free_space, write_error
 from .hub import resolve_model
 from .model import BiLM, RowStateBuffer
 from .textio import read_lines
@@ -576,12 +576,16 @@ def embed_file_distributed(embedder: ElmoEmbedder, input_file: str, output_file:
                            max_tokens: Optional[int] = DEFAULT_MAX_TOKENS,
                            progress: Optional[bool] = None,
                            warn: Optional[Callable[[str], None]] = None) -> int:
-    """`embed_file` by `world_size` torchrun processes (torch.distributed initialised): rank r
-    embeds lines r, r + world, r + 2 world, ... into a part file beside the output; after a
-    barrier rank 0 joins the parts, in line order, into ONE output identical to the one-process
-    output (same keys, same vectors: warm and zero states do not depend on the batch), written
-    atomically; then every part is removed. A rank that fails makes the others' barrier fail:
-    one line each, no output, no parts left. `carry` is refused (it depends on batch history)."""
+    """`embed_file` by `world_size` torchrun processes (torch.distributed initialised), with no
+    join step. Every line's output shape is known from its token count, so rank 0 first writes
+    the whole output's layout to a temp file beside the output (`write_layout`: each dataset with
+    its storage allocated, and `sentence_to_index`) and closes it; then rank r embeds lines r,
+    r + world, r + 2 world, ... and writes each line's bytes straight to its dataset's place in
+    that file (h5py's DatasetID.get_offset), in parallel with the other ranks; after a barrier
+    rank 0 renames the file onto the output. It equals the one-process output (same keys, same
+    vectors: warm and zero states do not depend on the batch). A rank that fails makes the
+    others' barrier fail: one line each, no output, no temp file left. `carry` is refused (it
+    depends on batch history)."""
     import torch.distributed as dist
 
     from .distributed import collective
@@ -592,34 +596,64 @@ def embed_file_distributed(embedder: ElmoEmbedder, input_file: str, output_file:
     output_file = os.fspath(output_file)
     _, lines = read_input(input_file, warn if rank == 0 else (lambda msg: None))
     keys = sentence_keys(lines, use_sentence_keys)
+    sentences = [line.split() for line in lines]
+    np_dtype = np.dtype("<f2" if dtype == "float16" else "<f4")
+    dim = 2 * embedder.model.options.lstm.projection_dim
+    shapes = [(len(s), dim) if layers in ("top", "average") else (3, len(s), dim)
+              for s in sentences]
     mine = list(range(rank, len(lines), world_size))
-    np_dtype = np.float16 if dtype == "float16" else np.float32
-    parent, name = os.path.split(os.path.abspath(output_file))
-    part = lambda r: os.path.join(parent, f".{name}.part{r}of{world_size}.tmp")  # noqa: E731
-    try:
-        with h5py.File(part(rank), "w") as f, \
-                tqdm(total=len(mine), unit="line", desc=f"embed (rank 0 of {world_size})",
-                     file=sys.stderr,
-                     disable=rank != 0 or (None if progress is None else not progress)) as bar:
-            for j, emb in embedded_lines(embedder, [lines[i].split() for i in mine], batch_size,
-                                         max_tokens):
-                f.create_dataset(str(mine[j]), data=reduce_layers(emb, layers).astype(np_dtype))
-                bar.update(1)
-        collective(rank, dist.barrier)                        # every part is complete
+    with (atomic_path(output_file) if rank == 0 else nullcontext()) as tmp:
         if rank == 0:
-            parts = [h5py.File(part(r), "r") for r in range(world_size)]
-            try:
-                with atomic_hdf5(output_file) as fout:
-                    for i in range(len(lines)):
-                        fout.create_dataset(keys[i], data=parts[i % world_size][str(i)][...])
-                    if not (forget_sentences or use_sentence_keys):
-                        write_sentence_index(fout, lines)
-            finally:
-                for p in parts:
-                    p.close()
-        collective(rank, dist.barrier)                        # rank 0 has read every part
-    finally:
-        if os.path.exists(part(rank)):
-            os.remove(part(rank))
+            n_bytes = sum(int(np.prod(shape)) for shape in shapes) * np_dtype.itemsize
+            check_free_space(output_file, n_bytes + (1 << 20), "embeddings")
+            write_layout(tmp, keys, shapes, np_dtype,
+                         None if (forget_sentences or use_sentence_keys) else lines)
+        box = [tmp]
+        collective(rank, lambda: dist.broadcast_object_list(box, src=0))   # the layout is written
+        tmp = box[0]
+        with h5py.File(tmp, "r") as f:
+            offsets = {i: f[keys[i]].id.get_offset() for i in mine}
+        fd = os.open(tmp, os.O_WRONLY)
+        try:
+            with tqdm(total=len(mine), unit="line", desc=f"embed (rank 0 of {world_size})",
+                      file=sys.stderr,
+                      disable=rank != 0 or (None if progress is None else not progress)) as bar:
+                for j, emb in embedded_lines(embedder, [sentences[i] for i in mine], batch_size,
+                                             max_tokens):
+                    data = np.ascontiguousarray(reduce_layers(emb, layers), dtype=np_dtype)
+                    if data.size:
+                        write_at(fd, memoryview(data).cast("B"), offsets[mine[j]], output_file)
+                    bar.update(1)
+        finally:
+            os.close(fd)
+        collective(rank, dist.barrier)                        # every rank's lines are written
     return len(lines)
+
+
+def write_layout(path: str, keys: Sequence[str], shapes: Sequence[tuple], dtype: np.dtype,
+                 index_lines: Optional[Sequence[str]]) -> None:
+    """An HDF5 file of one dataset per key, of its shape, contiguous, its storage allocated now
+    and left unfilled (the ranks write the bytes), plus `sentence_to_index` of `index_lines`."""
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+    with h5py.File(path, "w") as f:
+        for line, (key, shape) in enumerate(zip(keys, shapes)):
+            try:
+                f.create_dataset(key, shape, dtype=dtype, dcpl=dcpl)
+            except ValueError as e:  # a sentence key HDF5 cannot take (a path clash)
+                raise ElmoError(f"line {line + 1}: cannot store under the key {key!r} ({e}); "
+                                f"drop --use-sentence-keys") from None
+        if index_lines is not None:
+            write_sentence_index(f, index_lines)
+
+
+def write_at(fd: int, data: memoryview, offset: int, output_file: str) -> None:
+    """All of `data` at `offset` of the open file `fd` (os.pwrite may write less than asked)."""
+    try:
+        while len(data):
+            n = os.pwrite(fd, data, offset)
+            data, offset = data[n:], offset + n
+    except OSError as e:
+        raise write_error(output_file, e) from None
 

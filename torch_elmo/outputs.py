@@ -11,7 +11,9 @@ checkpoints) goes through here:
   permissions a plain `open()` would give (0666 minus the umask). On any failure the temporary
   file is removed and the previous target, if any, is untouched; a full disk, a read-only file
   system or a permission error becomes one line. Temporary files left by a killed process
-  (its pid no longer runs) are removed the next time the same target is written.
+  (its pid no longer runs) are removed the next time the same target is written; a process
+  that must exit at once (a torchrun rank stopped with SIGTERM) removes its own first
+  (`remove_in_progress`).
 * `check_free_space(path, n_bytes)`: refuse before writing a file that cannot fit (HDF5 on a full
   disk can crash the process instead of raising).
 """
@@ -26,6 +28,9 @@ from contextlib import contextmanager
 from typing import Iterator, Sequence
 
 from .errors import ElmoError
+
+# the temporaries of the atomic_path blocks running now (removed by remove_in_progress)
+IN_PROGRESS: set[str] = set()
 
 # errors that mean "this cannot be written here", reported as one line
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
@@ -121,6 +126,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
         raise ElmoError(f"{path}: directory {parent} does not exist") from None
     except OSError as e:
         raise write_error(path, e) from None
+    IN_PROGRESS.add(tmp)
     try:
         yield tmp
         os.chmod(tmp, 0o666 & ~_umask())
@@ -133,6 +139,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     except BaseException:
         _remove(tmp)
         raise
+    finally:
+        IN_PROGRESS.discard(tmp)
+
+
+def remove_in_progress() -> None:
+    """Remove the temporary files of every atomic_path block still running (for a process about
+    to leave through os._exit, which runs no `finally`)."""
+    for tmp in list(IN_PROGRESS):
+        _remove(tmp)
 
 
 def _remove(p: str) -> None:

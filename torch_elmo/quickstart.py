@@ -327,7 +327,8 @@ def run_quickstart(work_dir: str, minutes: float = 5.0, seed: int = 0,
     print(f"char CNN {o.char_cnn.n_filters} filters -> {o.lstm.projection_dim}, 2 x LSTM "
           f"{o.lstm.dim} units / {o.lstm.projection_dim} projection per direction; batch "
           f"{o.batch_size} x {o.unroll_steps}, sampled softmax {o.n_negative_samples_batch}, "
-          f"recipe {o.recipe} (AdamW {o.learning_rate:g}, warm-up + cosine decay, bf16)")
+          f"recipe {o.recipe} (AdamW {o.learning_rate:g}, warm-up + cosine decay, bf16 where "
+          f"native)")
     train_mod.train(options, vocab, [str(data_dir / "train.txt")], str(run_dir),
                     heldout_files=[str(data_dir / "heldout.txt")], epochs=1,
                     max_time=minutes * 60, seed=seed, log_every=100,

@@ -33,6 +33,7 @@ import torch
 from . import checkpoint as ck
 from .config import RECIPES, ElmoError, Options
 from .data import LMBatchStream
+from .device import bf16_native
 from .distributed import ConcatStreams, all_reduce_gradients, collective
 from .evaluate import perplexity
 from .lm import LanguageModel, LogUniformSampler
@@ -491,7 +492,14 @@ def loop(run: Run, counted: bool, *, heldout_files, max_tokens, max_time, log_ev
     bar = None
     log = lambda msg: (bar.write if bar is not None else print)(msg)  # noqa: E731 (rank 0 only)
     lm, o, params, dist_on = run.lm, run.options, run.params, world_size > 1
-    bf16 = bf16 or RECIPES[o.recipe].get("bf16", False)
+    # the fast recipe's bf16 only where bf16 is native (else emulated, far slower than fp32);
+    # an explicit --bf16 is obeyed, with a warning when it is emulated
+    native = bf16_native(device)
+    if bf16 and not native and run.is_main:
+        print(f"warning: --bf16 on {device}: this device has no native bf16 (no AVX512-BF16 or "
+              f"AMX on a CPU), so bf16 is emulated and slower than fp32", file=sys.stderr)
+    recipe_bf16 = RECIPES[o.recipe].get("bf16", False)
+    bf16 = bf16 or (recipe_bf16 and native)
     T, n_samples = o.unroll_steps, o.n_negative_samples_batch
     scheduled = RECIPES[o.recipe]["schedule"] != "constant"
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
@@ -506,6 +514,8 @@ def loop(run: Run, counted: bool, *, heldout_files, max_tokens, max_time, log_ev
               f"softmax {len(vocab):,} x {o.lstm.projection_dim}; {run.n_train_tokens:,} "
               f"tokens/epoch, {run.per_epoch:,} updates/epoch x {run.epochs:g} epochs = {planned}; "
               f"batch {o.batch_size} x unroll {T} x {world_size} process(es); device {device}"
+              + ("; bf16 autocast" if bf16 else "; fp32")
+              + (" (bf16 is not native here)" if recipe_bf16 and not bf16 else "")
               + (f"; resumed at step {run.step:,}" if run.resumed else ""), flush=True)
         bar = tqdm(total=None if run.total_steps == sys.maxsize else run.total_steps,
                    initial=run.step, unit="batch", disable=not progress, dynamic_ncols=True,
