@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/downstream.py [--model runs/wikitext2/model] [--data ../shared/data]
         [--max-train N] [--max-test N] [--ner-max-train N] [--ner-epochs E] [--tasks ...]
+        [--elmo-only]
 
 The model dir is the one benchmarks/train_wikitext2.py exports (options.json + weights.hdf5).
 
@@ -88,6 +89,8 @@ def run_classification_task(name, data, embedder, args, log):
     for label, feat, classifier in RUNS:
         if feat not in ("tfidf", "words") and embedder is None:
             continue
+        if feat in ("tfidf", "words") and args.elmo_only:
+            continue
         t0 = time.time()
         r = tasks.run_classification(train, test, dev, feat, classifier, embedder,
                                      batch_size=args.batch_size, seed=args.seed,
@@ -111,7 +114,8 @@ def run_ner(data, embedder, args, log):
     dev = tasks.subsample(tasks.read_conll(d / "eng.testa"), args.ner_max_eval, args.seed)
     test = tasks.subsample(tasks.read_conll(d / "eng.testb"), args.ner_max_eval, args.seed)
     out = {"n_train": len(train), "n_dev": len(dev), "n_test": len(test), "results": {}}
-    variants = [("no-elmo", None)] + ([("elmo", embedder)] if embedder is not None else [])
+    variants = ([] if args.elmo_only else [("no-elmo", None)]) \
+        + ([("elmo", embedder)] if embedder is not None else [])
     for name, emb in variants:
         t0 = time.time()
         res = tasks.train_tagger(train, dev, test, emb, epochs=args.ner_epochs,
@@ -176,6 +180,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=64, help="sentences per biLM batch")
     ap.add_argument("--device", default="cpu", help="device for the biLM (embedding only)")
     ap.add_argument("--no-elmo", action="store_true", help="baselines only (no model needed)")
+    ap.add_argument("--elmo-only", action="store_true",
+                    help="skip the rows that need no model (tfidf, bilstm, NER without ELMo): "
+                         "for a second model beside a run that has them")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)

@@ -452,6 +452,7 @@ def test_fast_recipe_trains_resumes_and_keeps_its_recipe(capsys, corpus):
     ck = load_checkpoint(run)
     saved = json.loads(ck["options"])
     assert saved["recipe"] == "fast" and saved["learning_rate"] == 1e-2
+    assert saved["dropout"] == 0.0 and saved["n_negative_samples_batch"] == 4096  # the recipe's
     assert "exp_avg" in str(ck["optimizer"]["state"][0].keys())               # AdamW moments
     rc, out, err = _run_cli(capsys, _cli_train(data_file, vocab, run, opts, "--resume",
                                                "--max-tokens", "400"))

@@ -16,7 +16,7 @@ import warnings
 from contextlib import contextmanager
 from typing import Callable, Iterator, Optional
 
-from .config import PRESETS, RECIPES, ElmoError, Options, preset, read_options
+from .config import PRESETS, RECIPES, ElmoError, Options, preset, read_options, with_recipe
 from .device import resolve_device
 
 
@@ -46,7 +46,8 @@ def _train_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-negative-samples", type=int, default=None)
     p.add_argument("--recipe", choices=list(RECIPES), default=None,
                    help="training procedure: bilm-tf (default: its recipe exactly) or fast "
-                        "(AdamW, warm-up, cosine decay over the run's horizon, bf16 where native; README)")
+                        "(AdamW, warm-up, cosine decay over the run's horizon, no dropout, "
+                        "4,096 negatives, bf16 where native; README)")
     p.add_argument("--learning-rate", type=float, default=None,
                    help="default: the recipe's (bilm-tf 0.2, fast 1e-2)")
     p.add_argument("--clip-norm", type=float, default=None)
@@ -270,11 +271,11 @@ def options_from_args(args, base: Optional[Options] = None) -> Options:
                  "state_reset_prob": getattr(args, "state_reset_prob", None)}
     recipe = getattr(args, "recipe", None)
     if recipe is None and base is not None and base.recipe != options.recipe:
-        # --resume keeps the run's recipe (and its learning rate) unless told otherwise
-        options = options.replace(recipe=base.recipe, learning_rate=base.learning_rate)
+        # --resume keeps the run's recipe (and the values it set) unless told otherwise
+        options = options.replace(recipe=base.recipe, **{
+            k: getattr(base, k) for k in RECIPES[base.recipe]["options"]})
     elif recipe is not None and recipe != options.recipe:
-        options = options.replace(recipe=recipe, learning_rate=RECIPES[recipe].get(
-            "learning_rate", Options.learning_rate))
+        options = with_recipe(options, recipe)
     options = options.replace(**{k: v for k, v in overrides.items() if v is not None})
     for k in ("batch_size", "unroll_steps", "n_negative_samples_batch"):
         if getattr(options, k) < 1:

@@ -225,19 +225,28 @@ def write_options(options: Options, path: str | os.PathLike, inference: bool = F
 
 
 # ------------------------------------------------------------------------------------- recipes
-# How a run trains (the architecture and data are the same): the optimizer and its schedule.
+# How a run trains (the architecture and data are the same): the optimizer, its schedule, and the
+# option values the recipe sets ("options"; flags given by the user still win, `with_recipe`).
 # "bilm-tf" is its train_elmo.py exactly (Adagrad, accumulator 1.0, constant learning rate, the
 # learning_rate option). "fast": AdamW with a linear warm-up and a cosine decay to
 # final_lr_fraction over the run's horizon (its planned updates, or --max-tokens / --max-time,
-# whichever ends first), bf16 autocast where the device has native bf16 (device.bf16_native;
-# fp32 elsewhere); learning_rate is the recipe's unless given; the softmax
+# whichever ends first), no dropout (a budget of minutes underfits), 4,096 sampled negatives, bf16
+# autocast where the device has native bf16 (device.bf16_native; fp32 elsewhere); the softmax
 # gradient is dense (AdamW keeps no sparse state). Chosen by measurement (benchmarks/README.md).
 RECIPES: dict[str, dict] = {
-    "bilm-tf": {"optimizer": "adagrad", "schedule": "constant"},
-    "fast": {"optimizer": "adamw", "learning_rate": 1e-2, "betas": (0.9, 0.98), "eps": 1e-8,
+    "bilm-tf": {"optimizer": "adagrad", "schedule": "constant", "options": {"learning_rate": 0.2}},
+    "fast": {"optimizer": "adamw", "betas": (0.9, 0.98), "eps": 1e-8,
              "weight_decay": 0.0, "warmup_steps": 100, "schedule": "cosine",
-             "final_lr_fraction": 0.1, "bf16": True},
+             "final_lr_fraction": 0.1, "bf16": True,
+             "options": {"learning_rate": 1e-2, "dropout": 0.0, "n_negative_samples_batch": 4096}},
 }
+
+
+def with_recipe(options: "Options", name: str) -> "Options":
+    """`options` with recipe `name` and the option values it sets (RECIPES[name]["options"])."""
+    if name not in RECIPES:
+        raise ElmoError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
+    return options.replace(recipe=name, **RECIPES[name]["options"])
 
 
 # ------------------------------------------------------------------------------------- presets

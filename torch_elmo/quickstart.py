@@ -251,9 +251,8 @@ def headline_task(articles: list[dict], seed: int = 0, test_fraction: float = 0.
 # ------------------------------------------------------------------------------------ the run
 def quickstart_options():
     """The `wt2` preset with the fast recipe, for one epoch (the time budget stops the run first)."""
-    from .config import RECIPES, preset
-    fast = RECIPES["fast"]["learning_rate"]
-    return preset("wt2").replace(n_epochs=1, recipe="fast", learning_rate=fast)
+    from .config import preset, with_recipe
+    return with_recipe(preset("wt2"), "fast").replace(n_epochs=1)
 
 
 def _hr(title: str) -> None:
