@@ -598,7 +598,7 @@ def embed_file_distributed(embedder: ElmoEmbedder, input_file: str, output_file:
     keys = sentence_keys(lines, use_sentence_keys)
     sentences = [line.split() for line in lines]
     np_dtype = np.dtype("<f2" if dtype == "float16" else "<f4")
-    dim = 2 * embedder.model.options.lstm.projection_dim
+    dim = embedder.output_dim                                 # 2P
     shapes = [(len(s), dim) if layers in ("top", "average") else (3, len(s), dim)
               for s in sentences]
     mine = list(range(rank, len(lines), world_size))
