@@ -37,6 +37,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .device import bf16_native
+
 
 # ============================================================================ matmul backend
 def _probe_onednn() -> bool:
@@ -63,11 +65,15 @@ def _probe_onednn() -> bool:
 
 
 ONEDNN = _probe_onednn()
+# oneDNN's prepacked bf16 weights need a CPU with bf16 support (AVX512-BF16 / AMX; on an AVX2-only
+# CPU the reorder raises): bf16 then takes the plain torch ops, emulated and slow, but it runs
+ONEDNN_BF16 = ONEDNN and bf16_native(torch.device("cpu"))
 
 
 def onednn_ok(t: torch.Tensor) -> bool:
-    """Can oneDNN take this tensor? (CPU, fp32 or bf16, and the probe passed.)"""
-    return ONEDNN and t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16)
+    """Can oneDNN take this tensor? (CPU, fp32, or bf16 where the CPU has it; the probe passed.)"""
+    return ONEDNN and t.device.type == "cpu" and (
+        t.dtype == torch.float32 or (t.dtype == torch.bfloat16 and ONEDNN_BF16))
 
 
 class Linear:
