@@ -30,12 +30,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-TASKS = {  # (train, dev, test, format) under ../shared/data
-    "emotion": ("emotion-dair-ai/train.txt", "emotion-dair-ai/val.txt", "emotion-dair-ai/test.txt",
-                "emotion"),
-    "sst2": ("sst/sst2-sentence/train.tsv", "sst/sst2-sentence/dev.tsv",
-             "sst/sst2-sentence/test.tsv", "tsv"),
-}
+from downstream import CLASSIFICATION  # noqa: E402  (train, dev, test, format) of each task
+
+TASKS = {k: v for k, v in CLASSIFICATION.items() if v[1] is not None}   # the ones with a dev split
 
 
 def perplexity_on(run: Path, text: Path, vocab) -> float:

@@ -148,35 +148,39 @@ def test_resume_with_another_world_size_reshards(setup, two_process_run, tmp_pat
     assert ckpt["run"]["world_size"] == 1 and ckpt["ranks"] is None
 
 
+def _children(parent: int) -> list[int]:
+    """The pids whose parent is `parent` (read from /proc)."""
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == parent:
+                    out.append(int(pid))
+        except OSError:
+            continue
+    return out
+
+
 def _worker_pid(parent: int, rank: int, timeout: float = LAUNCH_TIMEOUT) -> int:
     """The pid of torchrun's worker with RANK=rank (its children, found through /proc)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        for pid in filter(str.isdigit, os.listdir("/proc")):
+        for pid in _children(parent):
             try:
-                with open(f"/proc/{pid}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-                if ppid != parent:
-                    continue
                 with open(f"/proc/{pid}/environ", "rb") as f:
                     env = f.read().split(b"\0")
             except OSError:
                 continue
             if f"RANK={rank}".encode() in env:
-                return int(pid)
+                return pid
         time.sleep(0.2)
     raise AssertionError(f"no worker with RANK={rank} under pid {parent}")
 
 
 def _child_pid(parent: int) -> int:
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if int(f.read().rsplit(")", 1)[1].split()[1]) == parent:
-                    return int(pid)
-        except OSError:
-            continue
-    raise AssertionError(f"no child of pid {parent}")
+    children = _children(parent)
+    assert children, f"no child of pid {parent}"
+    return children[0]
 
 
 def test_killed_rank_stops_the_job_with_a_clear_message_and_resume_continues(setup, tmp_path):

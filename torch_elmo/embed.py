@@ -558,11 +558,8 @@ def embed_file(embedder: ElmoEmbedder, input_file, output_file: str | os.PathLik
             tqdm(total=len(lines), unit="line", desc="embed", file=sys.stderr,
                  disable=(None if progress is None else not progress)) as bar:
         for line, emb in embedded_lines(embedder, sentences, batch_size, max_tokens):
-            try:
-                fout.create_dataset(keys[line], data=reduce_layers(emb, layers).astype(np_dtype))
-            except ValueError as e:  # a sentence key HDF5 cannot take (a path clash)
-                raise ElmoError(f"line {line + 1}: cannot store under the key {keys[line]!r} "
-                                f"({e}); drop --use-sentence-keys") from None
+            create_line_dataset(fout, keys[line], line,
+                                data=reduce_layers(emb, layers).astype(np_dtype))
             bar.update(1)
         if not (forget_sentences or use_sentence_keys):
             write_sentence_index(fout, lines)
@@ -630,6 +627,16 @@ def embed_file_distributed(embedder: ElmoEmbedder, input_file: str, output_file:
     return len(lines)
 
 
+def create_line_dataset(f: h5py.File, key: str, line: int, **kwargs) -> None:
+    """f.create_dataset(key, **kwargs) for input line `line` (0-based); a sentence key HDF5
+    cannot take (a path clash) is one line naming the input line."""
+    try:
+        f.create_dataset(key, **kwargs)
+    except ValueError as e:
+        raise ElmoError(f"line {line + 1}: cannot store under the key {key!r} ({e}); drop "
+                        f"--use-sentence-keys") from None
+
+
 def write_layout(path: str, keys: Sequence[str], shapes: Sequence[tuple], dtype: np.dtype,
                  index_lines: Optional[Sequence[str]]) -> None:
     """An HDF5 file of one dataset per key, of its shape, contiguous, its storage allocated now
@@ -639,11 +646,7 @@ def write_layout(path: str, keys: Sequence[str], shapes: Sequence[tuple], dtype:
     dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
     with h5py.File(path, "w") as f:
         for line, (key, shape) in enumerate(zip(keys, shapes)):
-            try:
-                f.create_dataset(key, shape, dtype=dtype, dcpl=dcpl)
-            except ValueError as e:  # a sentence key HDF5 cannot take (a path clash)
-                raise ElmoError(f"line {line + 1}: cannot store under the key {key!r} ({e}); "
-                                f"drop --use-sentence-keys") from None
+            create_line_dataset(f, key, line, shape=shape, dtype=dtype, dcpl=dcpl)
         if index_lines is not None:
             write_sentence_index(f, index_lines)
 
