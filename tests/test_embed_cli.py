@@ -132,3 +132,14 @@ def test_bad_model_and_paths_are_one_line_errors(fixture_model_dir, tmp_path, ca
                    tmp_path / "no" / "dir" / "out.hdf5")
     assert rc == 2 and err.count("\n") == 1 and "does not exist" in err
     assert not out.exists()
+
+
+def test_sentence_keys_that_clash_as_hdf5_paths_are_one_line(fixture_model_dir, tmp_path, capsys):
+    # "a" is a dataset, so "a/b" (a key with a slash: a path below it) cannot be stored
+    (tmp_path / "in.txt").write_text("a\na/b\n")
+    out = tmp_path / "out.hdf5"
+    rc, err = _run(capsys, "--model", fixture_model_dir, "--input", tmp_path / "in.txt",
+                   "--output", out, "--use-sentence-keys")
+    assert rc == 2 and err.count("\n") == 1, err
+    assert "line 2: cannot store under the key 'a/b'" in err
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["in.txt"]

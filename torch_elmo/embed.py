@@ -632,7 +632,7 @@ def create_line_dataset(f: h5py.File, key: str, line: int, **kwargs) -> None:
     cannot take (a path clash) is one line naming the input line."""
     try:
         f.create_dataset(key, **kwargs)
-    except ValueError as e:
+    except (ValueError, TypeError) as e:   # h5py: TypeError where a dataset blocks the path
         raise ElmoError(f"line {line + 1}: cannot store under the key {key!r} ({e}); drop "
                         f"--use-sentence-keys") from None
 
