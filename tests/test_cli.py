@@ -49,3 +49,19 @@ def test_nproc_shortcut_passes_the_other_flags():
     out = argv_from_args(args, _train_parser)
     assert "--nproc" not in out
     assert p.parse_args(out + ["--nproc", "2"]) == args
+
+
+def test_vocab_unk_word_flag_and_the_note_without_it(tmp_path, capsys):
+    from torch_elmo.vocab import Vocabulary
+    corpus = tmp_path / "wiki.txt"
+    corpus.write_text("the <unk> sat on the mat\nthe <unk> ran\n")
+    assert cli.main(["vocab", "--train", str(corpus), "--out", str(tmp_path / "a.txt")]) == 0
+    err = capsys.readouterr().err
+    assert "'<unk>' 2 times" in err and "--unk-word '<unk>'" in err and len(err.splitlines()) == 1
+    assert "<unk>" in Vocabulary.read(tmp_path / "a.txt")
+    assert cli.main(["vocab", "--train", str(corpus), "--out", str(tmp_path / "b.txt"),
+                     "--unk-word", "<unk>"]) == 0
+    out, err = capsys.readouterr()
+    assert "2 occurrence(s) are <UNK> targets" in out and "note:" not in err
+    v = Vocabulary.read(tmp_path / "b.txt")
+    assert "<unk>" not in v and v.word_to_id("<unk>") == v.unk

@@ -84,3 +84,12 @@ def test_vocabulary_lines_with_whitespace_inside_are_refused(tmp_path, line):
     p.write_text(f"<S>\n</S>\n<UNK>\n{line}\n")
     with pytest.raises(ElmoError, match=r"v\.txt:4: .* has whitespace inside; .*one token per line"):
         Vocabulary.read(p)
+
+
+def test_unk_words_are_left_out_so_they_map_to_the_unk_class():
+    counts = collections.Counter({"the": 5, "<unk>": 4, "cat": 2})
+    kept = build_vocabulary(counts)
+    assert kept.word_to_id("<unk>") != kept.unk            # a word of its own: <UNK> never a target
+    v = build_vocabulary(counts, unk_words=["<unk>"])
+    assert "<unk>" not in v and v.tokens[3:] == ["the", "cat"]
+    assert v.word_to_id("<unk>") == v.unk == v.word_to_id("never-seen")

@@ -25,6 +25,9 @@ def _vocab_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="vocabulary file to write")
     p.add_argument("--min-count", type=int, default=1)
     p.add_argument("--max-size", type=int, default=None, help="including the 3 specials")
+    p.add_argument("--unk-word", action="append", default=[], metavar="WORD",
+                   help="the corpus's marker of rare words (WikiText's '<unk>'), repeatable: left "
+                        "out of the vocabulary, so its occurrences train the <UNK> class")
 
 
 def _train_parser(p: argparse.ArgumentParser) -> None:
@@ -239,7 +242,8 @@ def cmd_vocab(args) -> int:
     n_tokens = sum(counts.values())
     if n_tokens == 0:
         raise ElmoError(f"{name_files(files)}: no tokens (empty or blank files)")
-    vocab = build_vocabulary(counts, min_count=args.min_count, max_size=args.max_size)
+    vocab = build_vocabulary(counts, min_count=args.min_count, max_size=args.max_size,
+                             unk_words=args.unk_word)
     if len(vocab) == 3:
         raise ElmoError(f"--min-count {args.min_count} keeps no word (the most frequent occurs "
                         f"{max(counts.values())} times): nothing written; lower --min-count")
@@ -250,6 +254,13 @@ def cmd_vocab(args) -> int:
     print(f"wrote {args.out}: vocabulary size {len(vocab)} (3 specials + {len(vocab) - 3} words), "
           f"covering {100.0 * covered / n_tokens:.2f}% of the tokens")
     print(f"n_train_tokens = {n_tokens}")
+    for w in args.unk_word:
+        print(f"--unk-word {w}: {counts.get(w, 0)} occurrence(s) are <UNK> targets")
+    if "<unk>" in counts and "<unk>" not in args.unk_word:
+        print(f"note: the corpus has the word '<unk>' {counts['<unk>']} times, kept as a word, so "
+              f"the model never learns <UNK> and every unknown word of new text gets a near-zero "
+              f"probability; if '<unk>' marks rare words (WikiText), pass --unk-word '<unk>'",
+              file=sys.stderr)
     return 0
 
 

@@ -133,10 +133,13 @@ def count_tokens(files: Sequence[str] | str, bad: Optional[BadLines] = None) -> 
 
 
 def build_vocabulary(counts: collections.Counter, min_count: int = 1,
-                     max_size: Optional[int] = None) -> Vocabulary:
+                     max_size: Optional[int] = None, unk_words: Sequence[str] = ()) -> Vocabulary:
     """Specials first (`<S>`, `</S>`, `<UNK>`), then tokens by descending count, ties by token,
-    so the same corpus always gives the same file."""
-    items = sorted(((t, c) for t, c in counts.items() if c >= min_count and t not in SPECIALS),
+    so the same corpus always gives the same file. `unk_words`: the corpus's own markers of
+    out-of-vocabulary words (WikiText's `<unk>`), left out so that they map to `<UNK>` and the
+    model learns that class; kept as a word, `<UNK>` is never a training target."""
+    skip = set(SPECIALS) | set(unk_words)
+    items = sorted(((t, c) for t, c in counts.items() if c >= min_count and t not in skip),
                    key=lambda tc: (-tc[1], tc[0]))
     if max_size is not None:
         items = items[: max(0, max_size - len(SPECIALS))]
