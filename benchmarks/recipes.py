@@ -153,7 +153,8 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     vocab_file = work / "vocab.txt"
     if not vocab_file.exists():
-        build_vocabulary(count_words(str(data / "train.txt"))).write(vocab_file)
+        # WikiText-2 writes its rare words as "<unk>": they train <UNK> (elmo vocab --unk-word)
+        build_vocabulary(count_words(str(data / "train.txt")), unk_words=["<unk>"]).write(vocab_file)
     vocab = Vocabulary.read(vocab_file)
     t0 = time.time()
     procs = run_recipes(args, work, vocab_file)

@@ -57,7 +57,7 @@ def build_vocab(train_file: str, out: str) -> Vocabulary:
     counts: collections.Counter = collections.Counter()
     for _, tokens in textio.iter_sentences(train_file):
         counts.update(tokens)
-    vocab = build_vocabulary(counts)
+    vocab = build_vocabulary(counts, unk_words=["<unk>"])   # WikiText-2's rare-word marker -> <UNK>
     vocab.write(out)
     return Vocabulary.read(out)
 
