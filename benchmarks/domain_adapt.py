@@ -67,9 +67,9 @@ def unk_split(run: Path, text: Path, vocab) -> dict:
     the vocabulary), their mean cross-entropy (nats), and the perplexity of the other targets
     (token-weighted, both directions, full softmax)."""
     import torch
-    import torch.nn.functional as F
     from torch_elmo.checkpoint import load_language_model
     from torch_elmo.data import LMBatchStream
+    from torch_elmo.lm import full_softmax_ce
     lm, _ = load_language_model(str(run))
     lm.eval()
     unk = vocab.unk
@@ -82,8 +82,8 @@ def unk_split(run: Path, text: Path, vocab) -> dict:
             tops, state = lm.top_outputs(batch, state)
             for top, key in zip(tops, ("fwd_targets", "bwd_targets")):
                 y = batch[key].reshape(-1)                                   # (B * T,)
-                logits = torch.addmm(lm.softmax_b, top.reshape(-1, top.shape[-1]), lm.softmax_W.t())
-                ce = F.cross_entropy(logits, y, reduction="none")           # (B * T,)
+                ce = full_softmax_ce(top.reshape(-1, top.shape[-1]), y, lm.softmax_W,
+                                     lm.softmax_b)                           # (B * T,)
                 for name, m in (("unk", y == unk), ("known", y != unk)):
                     sums[name][0] += float(ce[m].sum())
                     sums[name][1] += int(m.sum())
