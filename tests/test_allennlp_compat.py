@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from torch_elmo import (BiLM, Elmo, ElmoEmbedder, ElmoError, ScalarMix, batch_to_ids, load,
                         read_options)
-from torch_elmo.cli import cmd_embed as cli_embed
+from torch_elmo.cli.embed import cmd_embed as cli_embed
 
 from test_embed import fixture_batches, fixture_top_layer
 

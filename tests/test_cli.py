@@ -5,7 +5,7 @@ import warnings
 import pytest
 
 from torch_elmo import cli
-from torch_elmo.cli import argv_from_args
+from torch_elmo.cli.common import argv_from_args, warnings_as_lines
 
 
 @pytest.mark.parametrize("command", sorted(cli.COMMANDS))
@@ -25,7 +25,7 @@ def test_unknown_command_and_no_command(capsys):
 
 
 def test_warnings_are_one_line_with_the_command(capsys):
-    with cli.warnings_as_lines("vocab"):
+    with warnings_as_lines("vocab"):
         warnings.warn("something odd\nsecond line stays in the message")
     err = capsys.readouterr().err
     assert err.startswith("elmo vocab: warning: something odd")
@@ -39,14 +39,14 @@ def test_errors_are_one_line_and_exit_2(tmp_path, capsys):
 
 
 def test_nproc_shortcut_passes_the_other_flags():
-    from torch_elmo.cli import _train_parser
+    from torch_elmo.cli.lm import add_train_flags
     import argparse
     p = argparse.ArgumentParser()
-    _train_parser(p)
+    add_train_flags(p)
     argv = ["--train", "a b.txt", "--vocab", "v", "--save-dir", "s", "--nproc", "2", "--resume",
             "--epochs", "1.5", "--dist-timeout", "9"]
     args = p.parse_args(argv)
-    out = argv_from_args(args, _train_parser)
+    out = argv_from_args(args, add_train_flags)
     assert "--nproc" not in out
     assert p.parse_args(out + ["--nproc", "2"]) == args
 

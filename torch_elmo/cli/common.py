@@ -1,0 +1,50 @@
+"""What every command handler shares: the one-line warning format, flag range checks, and the
+argv of a parsed command (to re-run it under torchrun)."""
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+from ..config import ElmoError
+
+
+def one_line_warnings(command: str):
+    """Show warnings as `elmo <command>: warning: ...` single lines on stderr."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"elmo {command}: warning: {message}", file=sys.stderr, flush=True)
+    return show
+
+
+@contextmanager
+def warnings_as_lines(command: str) -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = one_line_warnings(command)
+        yield
+
+
+def at_least(flag: str, value, minimum) -> None:
+    if value is not None and value < minimum:
+        raise ElmoError(f"{flag} must be >= {minimum}, got {value}")
+
+
+def argv_from_args(args, add_flags: Callable, drop: tuple = ("nproc",)) -> list[str]:
+    """The command-line arguments that give `args` under the parser `add_flags` builds (flags at
+    their default left out): `--nproc N` re-runs the command under torchrun with them."""
+    p = argparse.ArgumentParser(add_help=False)
+    add_flags(p)
+    out = []
+    for a in p._actions:
+        if not a.option_strings or a.dest in drop:
+            continue
+        v = getattr(args, a.dest, a.default)
+        if v == a.default:
+            continue
+        if isinstance(a, argparse._StoreTrueAction):
+            out.append(a.option_strings[0])
+        else:
+            out += [a.option_strings[0], str(v)]
+    return out
