@@ -17,7 +17,8 @@ so `add_pipe` finds them without importing this module first, and `nlp.to_disk(p
 * `torch_elmo_ner` (a saved `Tagger`, torch_elmo.load_task): sets `doc.ents` (all of them: entities
   an earlier component set are replaced).
 * `torch_elmo_textcat` (a saved `TextClassifier`): sets `doc.cats` to the label probabilities
-  (`predict_proba`, one entry per label of the model, summing to 1).
+  (`predict_proba`, one entry per label of the model, summing to 1); a doc without words (empty,
+  or whitespace only) gets none, as `predict` gives such a text no label.
 * `torch_elmo` (an ELMo biLM: anything `torch_elmo.load` takes, a model directory, a pretrained
   name or an hf:// address): sets `doc.tensor` (n_tokens, D) float32 to the ELMo vectors and
   makes `token.vector` / `span.vector` / `doc.vector` read them (user hooks, so they win over
@@ -189,7 +190,7 @@ class TaskComponent(BatchedComponent):
 
     def __init__(self, nlp: Language, name: str, model: str, tokens: str = "spacy",
                  batch_size: int = 32, device: Optional[str] = None):
-        from . import load_task
+        from .tasks import load_task
         super().__init__(nlp, name)
         self.tokens = check_tokens_mode(tokens, name)
         self.model = model
@@ -257,7 +258,8 @@ class TextCategorizer(TaskComponent):
         words = [doc_words(doc, self.tokens)[0] for doc in docs]
         proba = self.task.predict_proba(words, batch_size=self.batch_size)  # (n, n_labels)
         for doc, row in zip(docs, proba):
-            doc.cats = dict(zip(self.labels, map(float, row)))
+            if not np.isnan(row).any():        # NaN: a doc without words has no label
+                doc.cats = dict(zip(self.labels, map(float, row)))
 
 
 @Language.factory("torch_elmo_textcat", default_config={
