@@ -155,8 +155,9 @@ def read_task(path: str | os.PathLike) -> dict:
     version, a missing or changed file: one-line ElmoError."""
     path = Path(path)
     if not path.is_dir():
-        raise ElmoError(f"{path}: no such directory (a saved task model is a directory written "
-                        f"by `elmo ner --save` / `elmo classify --save`)")
+        raise ElmoError(f"{path}: {'not a directory' if path.exists() else 'no such directory'}"
+                        f" (a saved task model is a directory written by `elmo ner --save` / "
+                        f"`elmo classify --save`)")
     task_file = path / TASK_FILE
     if not task_file.is_file():
         if (path / "options.json").is_file():
