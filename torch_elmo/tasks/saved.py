@@ -68,7 +68,8 @@ def check_save_dir(path: str | os.PathLike, flag: str = "--save",
         raise ElmoError(f"{flag} {path}: directory {parent} does not exist (create it first)")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ElmoError(f"{flag} {path}: directory {parent} is not writable")
-    if os.path.isdir(path) and os.listdir(path) and not os.path.isfile(os.path.join(path, TASK_FILE)):
+    if (os.path.isdir(path) and os.listdir(path)
+            and not os.path.isfile(os.path.join(path, TASK_FILE))):
         raise ElmoError(f"{flag} {path}: the directory exists and is not a saved task model "
                         f"(no {TASK_FILE}); refusing to replace it (choose a new directory)")
     return path
