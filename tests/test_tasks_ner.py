@@ -153,6 +153,9 @@ def test_cli_ner_refuses_bad_settings_and_o_only_data_before_training(tmp_path, 
         assert rc == 2 and err == [f"elmo ner: error: {flag} must be >= 1, got 0"]
     rc, err = run_cli(base + ["--predictions", str(tmp_path / "nodir" / "p.conll")], capsys)
     assert rc == 2 and len(err) == 1 and "does not exist" in err[0]
+    rc, err = run_cli(base + ["--save", str(tmp_path)], capsys)       # the dir holding train
+    assert rc == 2 and len(err) == 1 and "--save" in err[0] and "holds the input" in err[0]
+    assert "epoch" not in capsys.readouterr().out                     # before any training
     only_o = tmp_path / "o.conll"
     only_o.write_text("EU NNP I-NP O\nrejects VBZ I-VP O\n\nPeter NNP I-NP O\n\n")
     rc, err = run_cli(["ner", "--no-elmo", "--train", str(only_o), "--dev", str(conll),
