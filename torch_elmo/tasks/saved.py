@@ -29,7 +29,7 @@ from typing import Callable, Optional, Sequence
 
 from ..config import ElmoError
 from ..hub import sha256_file
-from ..outputs import atomic_dir
+from ..outputs import atomic_dir, current_umask
 
 FORMAT = "torch-elmo-task"
 FORMAT_VERSION = 1
@@ -68,7 +68,8 @@ def check_save_dir(path: str | os.PathLike, flag: str = "--save",
         raise ElmoError(f"{flag} {path}: directory {parent} does not exist (create it first)")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ElmoError(f"{flag} {path}: directory {parent} is not writable")
-    if os.path.isdir(path) and os.listdir(path) and not os.path.isfile(os.path.join(path, TASK_FILE)):
+    if (os.path.isdir(path) and os.listdir(path)
+            and not os.path.isfile(os.path.join(path, TASK_FILE))):
         raise ElmoError(f"{flag} {path}: the directory exists and is not a saved task model "
                         f"(no {TASK_FILE}); refusing to replace it (choose a new directory)")
     return path
@@ -95,7 +96,11 @@ def save_task(path: str | os.PathLike, meta: dict, write_parts: Callable[[Path],
                             "output_dim": embedder.output_dim, **meta.get("elmo", {})}
         else:
             meta["elmo"] = None
-        meta["files"] = {rel: sha256_file(tmp / rel) for rel in list_files(tmp)}
+        files = list_files(tmp)
+        mode = 0o666 & ~current_umask()
+        for rel in files:                  # safetensors writes 0600; the rest as open() does
+            os.chmod(tmp / rel, mode)
+        meta["files"] = {rel: sha256_file(tmp / rel) for rel in files}
         with open(tmp / TASK_FILE, "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=1, ensure_ascii=False, default=str)
             f.write("\n")
@@ -151,8 +156,9 @@ def read_task(path: str | os.PathLike) -> dict:
     version, a missing or changed file: one-line ElmoError."""
     path = Path(path)
     if not path.is_dir():
-        raise ElmoError(f"{path}: no such directory (a saved task model is a directory written "
-                        f"by `elmo ner --save` / `elmo classify --save`)")
+        raise ElmoError(f"{path}: {'not a directory' if path.exists() else 'no such directory'}"
+                        f" (a saved task model is a directory written by `elmo ner --save` / "
+                        f"`elmo classify --save`)")
     task_file = path / TASK_FILE
     if not task_file.is_file():
         if (path / "options.json").is_file():
