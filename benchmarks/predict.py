@@ -136,11 +136,14 @@ def main(argv=None) -> int:
                      "--dev", str(conll / "eng.testa"), "--test", str(conll / "eng.testb"),
                      "--max-train", str(args.max_train), "--max-eval", "100", "--epochs", "1",
                      "--save", str(work / "ner")))
-            tokens = [s.tokens for s in ner.read_conll(conll / "eng.testb")][:args.max_test]
-            text = work / "ner.txt"
-            text.write_text("".join(" ".join(s) + "\n" for s in tokens), encoding="utf-8")
+            test = ner.read_conll(conll / "eng.testb")[:args.max_test]
+            tokens = [s.tokens for s in test]
+            conll_in = conll / "eng.testb"           # elmo predict reads the CoNLL file itself
+            if args.max_test is not None:
+                conll_in = work / "testb.conll"
+                ner.write_conll(test, conll_in)
             report("NER tagger, CoNLL-2003 eng.testb", len(tokens),
-                   measure("ner", work / "ner", tokens, text, ner_ceiling, args.rounds, work))
+                   measure("ner", work / "ner", tokens, conll_in, ner_ceiling, args.rounds, work))
         if "sst" in tasks:
             run(elmo("classify", "--classifier", "bilstm", "--model", str(work / "elmo"),
                      "--train", str(sst / "train.tsv"), "--test", str(sst / "dev.tsv"),
