@@ -1,5 +1,5 @@
-"""spacy: the torch_elmo / torch_elmo_ner / torch_elmo_textcat components on spacy.blank("en"), found
-through the entry points, against ElmoEmbedder and load_task(DIR).predict on a tiny random biLM
+"""spacy: the torch_elmo / torch_elmo_ner / torch_elmo_textcat components on spacy.blank("en"),
+found through the entry points, against ElmoEmbedder and load_task(DIR).predict on a tiny random biLM
 and tiny task models trained here with `elmo ner --save` / `elmo classify --save`."""
 import json
 import re

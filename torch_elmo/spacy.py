@@ -220,7 +220,8 @@ class EntityTagger(TaskComponent):
         """The result's entities as spans of `doc`, via the character offsets of the words."""
         if list(result["tokens"]) != tokens:
             warnings.warn(f"{self.name}: the tagger returned {len(result['tokens'])} tokens for "
-                          f"the {len(tokens)} of {shorten(doc.text)}; no entities set", stacklevel=3)
+                          f"the {len(tokens)} of {shorten(doc.text)}; no entities set",
+                          stacklevel=3)
             return []
         out = []
         for ent in result["entities"]:
