@@ -12,7 +12,9 @@ imports this module or spaCy).
 
 The three factories are registered through spaCy's `spacy_factories` entry points (pyproject.toml),
 so `add_pipe` finds them without importing this module first, and `nlp.to_disk(path)` +
-`spacy.load(path)` rebuild them from the pipeline's config.cfg.
+`spacy.load(path)` rebuild them from the pipeline's config.cfg. (So every `spacy.blank` /
+`spacy.load` where torch-elmo is installed imports this module, and torch with it, as any package
+registering spaCy components through entry points makes it import that package.)
 
 * `torch_elmo_ner` (a saved `Tagger`, torch_elmo.load_task): sets `doc.ents` (all of them: entities
   an earlier component set are replaced).
@@ -37,7 +39,7 @@ on whitespace, exactly what `elmo predict` and `Tagger.predict(text)` read, and 
 put on spaCy's tokens through its character offsets. An entity whose characters do not fall on
 spaCy token boundaries (a tokenizer or an earlier component merged tokens across whitespace, e.g.
 `merge_noun_chunks`) is left out with a one-line warning naming it; nothing crashes. A text over
-`max_tokens` tokens is read in overlapping windows, as `elmo embed` does.
+1,000 tokens (torch_elmo: `max_tokens`) is read in overlapping windows, as `elmo embed` does.
 
 Batching: `nlp.pipe(texts, batch_size=N)` hands each component N docs at a time, and a component
 runs its model over all of them at once in length-sorted batches of the component's own
@@ -46,9 +48,9 @@ runs its model over all of them at once in length-sorted batches of the componen
 
 The pipeline's config keeps `model` as given. A relative path is resolved against the current
 directory when the component is created (as spaCy resolves every path in a config), so a saved
-pipeline that names a relative model path loads from the directory it was saved from; give an
-absolute path (or a pretrained name) for a pipeline that loads from anywhere. The model files are
-not copied into the pipeline directory.
+pipeline that names a relative model path loads only where that path still leads (from the same
+working directory); give an absolute path (or a pretrained name) for a pipeline that loads from
+anywhere. The model files are not copied into the pipeline directory.
 """
 from __future__ import annotations
 
