@@ -115,6 +115,13 @@ def test_bad_input_is_one_line_and_loses_nothing(models, tmp_path, capsys):
         f.write(b"\0\1\2\3")
     rc, err = predict("--model", str(bad))
     assert rc == 2 and len(err) == 1 and "head.safetensors: sha256 differs" in err[0]
+    wrong = tmp_path / "wrong"                       # task.json edited: sizes that do not fit
+    shutil.copytree(models / "tagger", wrong)
+    meta = json.loads((wrong / "task.json").read_text())
+    meta["head"]["hidden"] += 1
+    (wrong / "task.json").write_text(json.dumps(meta))
+    rc, err = predict("--model", str(wrong))
+    assert rc == 2 and len(err) == 1 and "tensors do not fit" in err[0], err
     rc, err = predict("--model", str(models / "clf"), "--format", "conll")
     assert rc == 2 and len(err) == 1 and "--format conll writes a tagger's tags" in err[0]
     rc, err = run_cli(["predict", "--model", str(models / "clf"), "--input",

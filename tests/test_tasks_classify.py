@@ -246,7 +246,6 @@ def saved_classifiers(tmp_path_factory):
     train, test = root / "train.tsv", root / "test.tsv"
     write_tsv(train, separable_examples(40, 0))
     examples = separable_examples(20, 1)
-    examples[0].tokens = examples[0].tokens * 300          # 1,200 tokens: windowed in predict
     write_tsv(test, examples)
     out = {}
     for name, flags in VARIANTS.items():
