@@ -6,7 +6,7 @@ score their test file (the ELMo layers as train_tagger / train_bilstm_classifier
 ner.predict_tags / bilstm.predict_labels). Target: prediction >= 90% of the ceiling.
 
     .venv/bin/python benchmarks/predict.py [--preset wt2] [--max-train 500] [--max-test N]
-                                           [--rounds 2] [--tasks ner,sst]
+                                           [--rounds 2] [--tasks ner,sst] [--batch-size N]
 
 Only speed matters, so the biLM is a random-weight model of --preset, and each task model is
 trained for 1 epoch on --max-train sentences (`elmo ner --save`, `elmo classify --classifier
@@ -14,17 +14,22 @@ bilstm --save`, subprocesses). Every timing is the fastest of --rounds, ceiling 
 alternated. `elmo predict`'s time is its whole command (process start, imports, model load, the
 warm state, reading and writing files); its start-up is measured on a one-line input and the
 ratio is also given without it (a fixed cost that large inputs amortise). Both sides use
-the same threads (torch's default) and OMP_WAIT_POLICY=PASSIVE. ~2-4 min on 2 cores.
+the same threads (torch's default) and OMP_WAIT_POLICY=PASSIVE. Ratios are given by wall clock
+and by CPU seconds (user + system of every thread, getrusage; for `elmo predict` the child's):
+on a machine shared with other work the CPU ratio moves much less than the wall one.
+~2.5-4 min on 2 cores.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # before torch is imported
 
@@ -33,52 +38,60 @@ sys.path.insert(0, str(REPO))
 DATA = REPO.parent / "shared" / "data"
 
 
-def run(cmd: list[str]) -> float:
-    """Wall seconds of a command (ElmoError lines and tracebacks shown if it fails)."""
-    t0 = time.perf_counter()
+def cpu_seconds() -> float:
+    """CPU seconds (user + system, every thread) of this process and its finished children."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), \
+        resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def timed(f) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of f()."""
+    t0, c0 = time.perf_counter(), cpu_seconds()
+    f()
+    return time.perf_counter() - t0, cpu_seconds() - c0
+
+
+def run(cmd: list[str]) -> None:
+    """Run a command; its ElmoError line or traceback shown if it fails."""
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{r.stdout[-2000:]}{r.stderr[-2000:]}")
-    return time.perf_counter() - t0
 
 
 def elmo(*args: str) -> list[str]:
     return [sys.executable, "-m", "torch_elmo", *args]
 
 
-def ner_ceiling(task, tokens: list[list[str]]) -> float:
-    """Seconds of `elmo ner`'s scoring of these sentences with the loaded tagger's network:
+def ner_ceiling(task, tokens: list[list[str]]) -> None:
+    """`elmo ner`'s scoring of these sentences with the loaded tagger's network:
     cache_elmo_layers' embed_layers (batch 64, float16) + encode + predict_tags (batch 128)."""
     import numpy as np
 
     from torch_elmo.tasks import ner
     from torch_elmo.tasks.common import casing, embed_layers
-    t0 = time.perf_counter()
     elmo = embed_layers(task.embedder, tokens, 64, dtype=np.float16)
     words = [task.vocab.ids(s) for s in tokens]
     data = (words, [[casing(w) for w in s] for s in tokens], [[0] * len(s) for s in tokens])
     ner.predict_tags(task.model, data, elmo, task.labels, task.device)
-    return time.perf_counter() - t0
 
 
-def bilstm_ceiling(task, tokens: list[list[str]]) -> float:
-    """Seconds of `elmo classify --classifier bilstm`'s scoring of these sentences with the
-    loaded classifier's network: embed_layers (batch 64, float16) + predict_labels (batch 128)."""
+def bilstm_ceiling(task, tokens: list[list[str]]) -> None:
+    """`elmo classify --classifier bilstm`'s scoring of these sentences with the loaded
+    classifier's network: embed_layers (batch 64, float16) + predict_labels (batch 128)."""
     import numpy as np
 
     from torch_elmo.tasks import bilstm
     from torch_elmo.tasks.common import casing, embed_layers
     model, vocab = task.bilstm
-    t0 = time.perf_counter()
     elmo = embed_layers(task.embedder, tokens, 64, dtype=np.float16)
     words = [vocab.ids(s) for s in tokens]
     cases = [[casing(w) for w in s] for s in tokens]
     bilstm.predict_labels(model, words, cases, elmo, list(task.classes_), task.device)
-    return time.perf_counter() - t0
 
 
 def measure(name: str, task_dir: Path, tokens: list[list[str]], input_file: Path, ceiling,
-            rounds: int, work: Path) -> dict:
+            rounds: int, work: Path, batch_size: Optional[int]) -> dict:
     """The four timings of one task, each the fastest of `rounds`."""
     from torch_elmo import load_task
     task = load_task(task_dir)
@@ -86,28 +99,35 @@ def measure(name: str, task_dir: Path, tokens: list[list[str]], input_file: Path
     one_line = work / f"{name}.one.txt"
     one_line.write_text(texts[0] + "\n", encoding="utf-8")
     cmd = elmo("predict", "--model", str(task_dir), "--output", str(work / f"{name}.out.jsonl"))
-    best = {"ceiling": [], "predict": [], "cli": [], "startup": []}
-    for _ in range(rounds):
-        best["ceiling"].append(ceiling(task, tokens))
-        t0 = time.perf_counter()
-        task.predict(texts)
-        best["predict"].append(time.perf_counter() - t0)
-        best["cli"].append(run(cmd + ["--input", str(input_file)]))
-        best["startup"].append(run(cmd + ["--input", str(one_line)]))
-    return {k: min(v) for k, v in best.items()}
+    kw = {} if batch_size is None else {"batch_size": batch_size}
+    if batch_size is not None:
+        cmd += ["--batch-size", str(batch_size)]
+    # one-time costs (the warm state, the first import of seqeval's entity reader) left out
+    task.predict(texts[:1])
+    ceiling(task, tokens[:1])
+    runs = {"ceiling": lambda: ceiling(task, tokens), "predict": lambda: task.predict(texts, **kw),
+            "cli": lambda: run(cmd + ["--input", str(input_file)]),
+            "startup": lambda: run(cmd + ["--input", str(one_line)])}
+    times: dict = {k: [] for k in runs}
+    for _ in range(rounds):                   # alternated, so that drift hits every side alike
+        for k, f in runs.items():
+            times[k].append(timed(f))
+    return {k: tuple(min(x[j] for x in v) for j in (0, 1)) for k, v in times.items()}
 
 
 def report(name: str, n: int, t: dict) -> None:
-    ceil = n / t["ceiling"]
-    steady = t["cli"] - t["startup"]
-    print(f"{name}: {n} texts; ceiling (training's scoring) {ceil:,.0f} texts/s "
-          f"({t['ceiling']:.1f} s)")
-    print(f"  load_task().predict, in-process   {n / t['predict']:,.0f} texts/s  "
-          f"{t['ceiling'] / t['predict']:6.1%} of the ceiling")
-    print(f"  elmo predict, whole command       {n / t['cli']:,.0f} texts/s  "
-          f"{t['ceiling'] / t['cli']:6.1%}  ({t['cli']:.1f} s)")
-    print(f"  elmo predict, start-up excluded   {n / steady:,.0f} texts/s  "
-          f"{t['ceiling'] / steady:6.1%}  (start-up {t['startup']:.1f} s on one line)")
+    """texts/s and the ratio to the ceiling, by wall clock and by CPU seconds."""
+    steady = tuple(a - b for a, b in zip(t["cli"], t["startup"]))
+    print(f"{name}: {n} texts; ceiling (training's scoring) {n / t['ceiling'][0]:,.0f} texts/s "
+          f"({t['ceiling'][0]:.1f} s wall, {t['ceiling'][1]:.1f} s CPU)")
+    print(f"  {'':36s} {'texts/s':>8s} {'of ceiling (wall)':>18s} {'(CPU)':>7s}")
+    for label, x in (("load_task().predict, in-process", t["predict"]),
+                     ("elmo predict, whole command", t["cli"]),
+                     ("elmo predict, start-up excluded", steady)):
+        print(f"  {label:36s} {n / x[0]:8,.0f} {t['ceiling'][0] / x[0]:18.1%} "
+              f"{t['ceiling'][1] / x[1]:7.1%}")
+    print(f"  (elmo predict's start-up, on one line: {t['startup'][0]:.1f} s wall, "
+          f"{t['startup'][1]:.1f} s CPU)")
 
 
 def main(argv=None) -> int:
@@ -118,6 +138,8 @@ def main(argv=None) -> int:
                    help="the first N test sentences only (default: the whole test file)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--tasks", default="ner,sst", help="ner, sst or both")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="prediction's batch size (default: predict's and elmo predict's own)")
     args = p.parse_args(argv)
     import torch
 
@@ -125,7 +147,8 @@ def main(argv=None) -> int:
     from torch_elmo.tasks import classify, ner
     conll, sst = DATA / "conll2003", DATA / "sst" / "sst2-sentence"
     print(f"preset {args.preset}, random weights; task models: 1 epoch on {args.max_train} "
-          f"sentences; {torch.get_num_threads()} torch threads; fastest of {args.rounds}")
+          f"sentences; {torch.get_num_threads()} torch threads; fastest of {args.rounds}; "
+          f"prediction batch size {args.batch_size or 'default'}")
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
         torch.manual_seed(0)
@@ -143,7 +166,8 @@ def main(argv=None) -> int:
                 conll_in = work / "testb.conll"
                 ner.write_conll(test, conll_in)
             report("NER tagger, CoNLL-2003 eng.testb", len(tokens),
-                   measure("ner", work / "ner", tokens, conll_in, ner_ceiling, args.rounds, work))
+                   measure("ner", work / "ner", tokens, conll_in, ner_ceiling, args.rounds, work,
+                           args.batch_size))
         if "sst" in tasks:
             run(elmo("classify", "--classifier", "bilstm", "--model", str(work / "elmo"),
                      "--train", str(sst / "train.tsv"), "--test", str(sst / "dev.tsv"),
@@ -153,7 +177,8 @@ def main(argv=None) -> int:
             text = work / "sst.txt"
             text.write_text("".join(" ".join(s) + "\n" for s in tokens), encoding="utf-8")
             report("BiLSTM classifier, SST-2 test", len(tokens),
-                   measure("sst", work / "sst", tokens, text, bilstm_ceiling, args.rounds, work))
+                   measure("sst", work / "sst", tokens, text, bilstm_ceiling, args.rounds, work,
+                           args.batch_size))
     return 0
 
 

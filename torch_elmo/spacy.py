@@ -43,8 +43,9 @@ spaCy token boundaries (a tokenizer or an earlier component merged tokens across
 
 Batching: `nlp.pipe(texts, batch_size=N)` hands each component N docs at a time, and a component
 runs its model over all of them at once in length-sorted batches of the component's own
-`batch_size` sentences (default 32); `nlp(text)` is one doc. Outputs do not depend on batching
-(the default "warm" inference state).
+`batch_size` sentences (default 64, the batch `elmo ner` / `elmo classify` compute ELMo layers
+in: a small biLM's cost is mostly per batch and time step); `nlp(text)` is one doc. Outputs do
+not depend on batching (the default "warm" inference state).
 
 The pipeline's config keeps `model` as given. A relative path is resolved against the current
 directory when the component is created (as spaCy resolves every path in a config), so a saved
@@ -74,6 +75,7 @@ except ImportError:
     raise ElmoError("torch_elmo.spacy needs spaCy: pip install 'torch-elmo[spacy]'") from None
 
 TOKEN_MODES = ("spacy", "whitespace")
+BATCH_SIZE = 64   # sentences per biLM batch (module doc)
 _WORD = re.compile(r"\S+")
 
 
@@ -147,7 +149,7 @@ class ElmoVectors(BatchedComponent):
 
     def __init__(self, nlp: Language, name: str, model: str,
                  layers: Union[str, int, List[int]] = "average", state: str = DEFAULT_STATE,
-                 batch_size: int = 32, max_tokens: int = DEFAULT_MAX_TOKENS,
+                 batch_size: int = BATCH_SIZE, max_tokens: int = DEFAULT_MAX_TOKENS,
                  device: Optional[str] = None):
         super().__init__(nlp, name)
         self.model = model
@@ -177,7 +179,7 @@ class ElmoVectors(BatchedComponent):
 
 
 @Language.factory("torch_elmo", default_config={
-    "layers": "average", "state": DEFAULT_STATE, "batch_size": 32,
+    "layers": "average", "state": DEFAULT_STATE, "batch_size": BATCH_SIZE,
     "max_tokens": DEFAULT_MAX_TOKENS, "device": None})
 def make_elmo(nlp: Language, name: str, model: str, layers: Union[str, int, List[int]],
               state: str, batch_size: int, max_tokens: int, device: Optional[str]) -> ElmoVectors:
@@ -191,7 +193,7 @@ class TaskComponent(BatchedComponent):
     factory = {"ner": "torch_elmo_ner", "classify": "torch_elmo_textcat"}
 
     def __init__(self, nlp: Language, name: str, model: str, tokens: str = "spacy",
-                 batch_size: int = 32, device: Optional[str] = None):
+                 batch_size: int = BATCH_SIZE, device: Optional[str] = None):
         from .tasks import load_task
         super().__init__(nlp, name)
         self.tokens = check_tokens_mode(tokens, name)
@@ -243,7 +245,7 @@ def shorten(text: str, n: int = 60) -> str:
 
 
 @Language.factory("torch_elmo_ner", default_config={
-    "tokens": "spacy", "batch_size": 32, "device": None})
+    "tokens": "spacy", "batch_size": BATCH_SIZE, "device": None})
 def make_ner(nlp: Language, name: str, model: str, tokens: str, batch_size: int,
              device: Optional[str]) -> EntityTagger:
     return EntityTagger(nlp, name, model, tokens, batch_size, device)
@@ -266,7 +268,7 @@ class TextCategorizer(TaskComponent):
 
 
 @Language.factory("torch_elmo_textcat", default_config={
-    "tokens": "spacy", "batch_size": 32, "device": None})
+    "tokens": "spacy", "batch_size": BATCH_SIZE, "device": None})
 def make_textcat(nlp: Language, name: str, model: str, tokens: str, batch_size: int,
                  device: Optional[str]) -> TextCategorizer:
     return TextCategorizer(nlp, name, model, tokens, batch_size, device)
