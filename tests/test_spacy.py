@@ -1,8 +1,10 @@
 """spacy: the torch_elmo / torch_elmo_ner / torch_elmo_textcat components on spacy.blank("en"),
-found through the entry points, against ElmoEmbedder and load_task(DIR).predict on a tiny random biLM
-and tiny task models trained here with `elmo ner --save` / `elmo classify --save`."""
+found through the entry points, against ElmoEmbedder and load_task(DIR).predict on a tiny random
+biLM and tiny task models trained here with `elmo ner --save` / `elmo classify --save`."""
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import warnings
@@ -190,6 +192,33 @@ def test_pipe_batches_across_documents(models):
         assert doc.text == ref.text and ents_of(doc) == ents_of(ref)
         assert doc.cats == pytest.approx(ref.cats, abs=1e-6)
         np.testing.assert_allclose(doc.tensor, ref.tensor, atol=1e-6)
+
+
+def test_pipe_on_several_processes_after_the_parent_ran_the_model(models):
+    # a worker forked from a process whose torch thread pools ran must not wait on them forever
+    elmo, ner, _ = models
+    code = f"""
+import json, spacy
+nlp = spacy.blank("en")
+nlp.add_pipe("torch_elmo", config={{"model": {elmo!r}}})
+nlp.add_pipe("torch_elmo_ner", config={{"model": {ner!r}}})
+texts = {TEXTS!r} * 2
+one = [nlp(t) for t in texts]
+many = list(nlp.pipe(texts, batch_size=2, n_process=2))
+print(json.dumps([[[e.text, e.label_] for e in d.ents] == [[e.text, e.label_] for e in r.ents]
+                  and bool(abs(d.tensor - r.tensor).max(initial=0) < 1e-6)
+                  for d, r in zip(many, one)]))
+"""
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)          # the workers too
+        proc.communicate()
+        pytest.fail("nlp.pipe(n_process=2) hung")
+    assert proc.returncode == 0, err[-2000:]
+    assert json.loads(out.strip().splitlines()[-1]) == [True] * 2 * len(TEXTS)
 
 
 def test_to_disk_and_spacy_load_round_trip(models, tmp_path):

@@ -45,7 +45,8 @@ Batching: `nlp.pipe(texts, batch_size=N)` hands each component N docs at a time,
 runs its model over all of them at once in length-sorted batches of the component's own
 `batch_size` sentences (default 64, the batch `elmo ner` / `elmo classify` compute ELMo layers
 in: a small biLM's cost is mostly per batch and time step); `nlp(text)` is one doc. Outputs do
-not depend on batching (the default "warm" inference state).
+not depend on batching (the default "warm" inference state). With `nlp.pipe(..., n_process=N)`
+each forked worker runs torch on one thread (BatchedComponent.forked).
 
 The pipeline's config keeps `model` as given. A relative path is resolved against the current
 directory when the component is created (as spaCy resolves every path in a config), so a saved
@@ -55,11 +56,13 @@ anywhere. The model files are not copied into the pipeline directory.
 """
 from __future__ import annotations
 
+import os
 import re
 import warnings
 from typing import Iterable, Iterator, List, Optional, Union
 
 import numpy as np
+import torch
 
 from .config import ElmoError
 from .embed import (DEFAULT_MAX_TOKENS, DEFAULT_STATE, embedded_lines, layer_tokens,
@@ -103,15 +106,27 @@ class BatchedComponent(Pipe):
     def __init__(self, nlp: Language, name: str):
         self.name = name
         self.vocab = nlp.vocab
+        self.pid = os.getpid()
 
     def annotate(self, docs: list[Doc]) -> None:
         raise NotImplementedError
 
+    def forked(self) -> None:
+        """In a worker that `nlp.pipe(n_process=N)` forked, torch runs on one thread: the
+        parent's thread pools (OpenMP's, the biLM's direction thread) do not survive fork, so
+        a worker of a parent that already ran the model would wait on them forever; and N
+        workers share the cores anyway."""
+        if os.getpid() != self.pid:
+            torch.set_num_threads(1)
+            self.pid = os.getpid()
+
     def __call__(self, doc: Doc) -> Doc:
+        self.forked()
         self.annotate([doc])
         return doc
 
     def pipe(self, stream: Iterable[Doc], *, batch_size: int = 128) -> Iterator[Doc]:
+        self.forked()
         error_handler = self.get_error_handler()
         for docs in minibatch(stream, size=batch_size):
             try:
