@@ -44,11 +44,14 @@ def test_nproc_shortcut_passes_the_other_flags():
     p = argparse.ArgumentParser()
     add_train_flags(p)
     argv = ["--train", "a b.txt", "--vocab", "v", "--save-dir", "s", "--nproc", "2", "--resume",
-            "--epochs", "1.5", "--dist-timeout", "9"]
+            "--epochs", "1.5", "--dist-timeout", "9", "--progress"]
     args = p.parse_args(argv)
     out = argv_from_args(args, add_train_flags)
     assert "--nproc" not in out
     assert p.parse_args(out + ["--nproc", "2"]) == args
+    assert "--progress" in out and "--no-progress" not in out
+    args = p.parse_args(argv[:6] + ["--no-progress"])
+    assert argv_from_args(args, add_train_flags)[-1:] == ["--no-progress"]
 
 
 def test_vocab_unk_word_flag_and_the_note_without_it(tmp_path, capsys):
@@ -65,3 +68,11 @@ def test_vocab_unk_word_flag_and_the_note_without_it(tmp_path, capsys):
     assert "2 occurrence(s) are <UNK> targets" in out and "note:" not in err
     v = Vocabulary.read(tmp_path / "b.txt")
     assert "<unk>" not in v and v.word_to_id("<unk>") == v.unk
+
+
+@pytest.mark.parametrize("command", ["train", "embed", "classify", "ner", "quickstart"])
+def test_long_commands_take_progress_and_no_progress(command, capsys):
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    out = capsys.readouterr().out
+    assert "--progress" in out and "--no-progress" in out

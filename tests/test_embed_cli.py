@@ -143,3 +143,16 @@ def test_sentence_keys_that_clash_as_hdf5_paths_are_one_line(fixture_model_dir, 
     assert rc == 2 and err.count("\n") == 1, err
     assert "line 2: cannot store under the key 'a/b'" in err
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["in.txt"]
+
+
+def test_progress_bar_only_on_a_terminal_or_with_progress(fixture_model_dir, tmp_path, capsys):
+    """capsys's stderr is no terminal: no bar redraws unless --progress forces them."""
+    d = fixture_model_dir
+    (tmp_path / "in.txt").write_text("the cat sat\na dog\n")
+    args = ["--model", d, "--input", tmp_path / "in.txt", "--state", "zero"]
+    rc, err = _run(capsys, *args, "--output", tmp_path / "a.hdf5")
+    assert rc == 0 and "\r" not in err and "line/s" not in err, err
+    rc, err = _run(capsys, *args, "--output", tmp_path / "b.hdf5", "--progress")
+    assert rc == 0 and "\r" in err and "2/2" in err, err
+    rc, err = _run(capsys, *args, "--output", tmp_path / "c.hdf5", "--no-progress")
+    assert rc == 0 and "\r" not in err, err

@@ -490,3 +490,20 @@ def test_cli_export_writes_safetensors_too(tiny_runs, tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == ["options.json", "weights.hdf5",
                                                       "weights.safetensors"]
 
+
+
+def test_progress_in_a_log_file_is_the_step_lines_only(capsys, corpus):
+    """stderr not a terminal (capsys): no bar redraws, the step lines are the progress;
+    --progress brings the bar back, --no-progress is still accepted."""
+    tmp, data_file, vocab, opts = corpus
+    argv = ["train", "--train", data_file, "--vocab", vocab, "--options", opts, "--epochs", "2",
+            "--log-every", "4"]
+    rc, out, err = _run_cli(capsys, argv + ["--save-dir", str(tmp / "a")])
+    assert rc == 0, err
+    assert "\r" not in out + err and "it/s" not in err and "batch/s" not in err
+    assert [l.split(" | ")[0] for l in out.splitlines() if l.startswith("step")] == [
+        "step 4/12", "step 8/12", "step 12/12"]
+    rc, out, err = _run_cli(capsys, argv + ["--save-dir", str(tmp / "b"), "--progress"])
+    assert rc == 0 and "\r" in err and "12/12" in err
+    rc, out, err = _run_cli(capsys, argv + ["--save-dir", str(tmp / "c"), "--no-progress"])
+    assert rc == 0 and "\r" not in err

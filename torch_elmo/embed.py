@@ -28,7 +28,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import sys
 import warnings
 import weakref
 from contextlib import contextmanager, nullcontext
@@ -37,7 +36,6 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 import h5py
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from .chars import BOS_TOKEN, EOS_TOKEN, batch_to_ids, char_ids
 from .config import ElmoError
@@ -46,6 +44,7 @@ from .device import device_of, resolve_device
 from .export import load_bilm
 from .token_cache import TokenEmbeddingCache
 from .outputs import atomic_path, check_free_space, write_error
+from .progress import progress_bar
 from .hub import resolve_model
 from .model import BiLM, RowStateBuffer
 from .textio import read_lines
@@ -555,8 +554,7 @@ def embed_file(embedder: ElmoEmbedder, input_file, output_file: str | os.PathLik
     sentences = [line.split() for line in lines]
     np_dtype = np.float16 if dtype == "float16" else np.float32
     with atomic_hdf5(output_file) as fout, \
-            tqdm(total=len(lines), unit="line", desc="embed", file=sys.stderr,
-                 disable=(None if progress is None else not progress)) as bar:
+            progress_bar(len(lines), desc="embed", unit="line", enabled=progress) as bar:
         for line, emb in embedded_lines(embedder, sentences, batch_size, max_tokens):
             create_line_dataset(fout, keys[line], line,
                                 data=reduce_layers(emb, layers).astype(np_dtype))
@@ -612,9 +610,8 @@ def embed_file_distributed(embedder: ElmoEmbedder, input_file: str, output_file:
             offsets = {i: f[keys[i]].id.get_offset() for i in mine}
         fd = os.open(tmp, os.O_WRONLY)
         try:
-            with tqdm(total=len(mine), unit="line", desc=f"embed (rank 0 of {world_size})",
-                      file=sys.stderr,
-                      disable=rank != 0 or (None if progress is None else not progress)) as bar:
+            with progress_bar(len(mine), desc=f"embed (rank 0 of {world_size})", unit="line",
+                              enabled=False if rank != 0 else progress) as bar:
                 for j, emb in embedded_lines(embedder, [sentences[i] for i in mine], batch_size,
                                              max_tokens):
                     data = np.ascontiguousarray(reduce_layers(emb, layers), dtype=np_dtype)

@@ -39,6 +39,7 @@ from .evaluate import perplexity
 from .lm import LanguageModel, LogUniformSampler
 from .metrics import METRICS, PLOT, append_jsonl, fmt_time, plot_perplexity, read_metrics
 from .outputs import atomic_text
+from .progress import progress_bar
 from .textio import BadLines
 from .vocab import Vocabulary, count_words
 
@@ -456,7 +457,7 @@ def train(options: Options, vocab: Vocabulary, train_files: list[str], save_dir:
           init_from: Optional[str] = None, log_every: int = 100, eval_every: int = 1000,
           checkpoint_every: int = 1250, heldout_batch_size: int = 256,
           heldout_max_batches: Optional[int] = None, device: str | torch.device = "cpu",
-          bf16: bool = False, progress: bool = True, rank: int = 0, world_size: int = 1,
+          bf16: bool = False, progress: Optional[bool] = None, rank: int = 0, world_size: int = 1,
           vocab_path: Optional[str] = None, _emulate_world_size: int = 1) -> dict:
     """Train (or continue training) a biLM; returns the last metrics record.
 
@@ -485,7 +486,7 @@ def train(options: Options, vocab: Vocabulary, train_files: list[str], save_dir:
 
 def loop(run: Run, counted: bool, *, heldout_files, max_tokens, max_time, log_every: int,
          eval_every: int, checkpoint_every: int, heldout_batch_size: int, heldout_max_batches,
-         bf16: bool, progress: bool) -> dict:
+         bf16: bool, progress: Optional[bool]) -> dict:
     """The training loop of `train`, from the run's current step to its stop."""
     device, rank, world_size, save_dir, vocab = (run.device, run.rank, run.world_size,
                                                  run.save_dir, run.vocab)
@@ -508,7 +509,6 @@ def loop(run: Run, counted: bool, *, heldout_files, max_tokens, max_time, log_ev
             raise ElmoError(f"--heldout: no complete batch of {heldout_batch_size} rows (fewer "
                             f"sentences than --heldout-batch-size?)")
     if run.is_main:
-        from tqdm import tqdm
         planned = "until a limit" if run.total_steps == sys.maxsize else f"{run.total_steps:,} updates"
         print(f"training {sum(p.numel() for p in lm.bilm.parameters()):,} biLM parameters + "
               f"softmax {len(vocab):,} x {o.lstm.projection_dim}; {run.n_train_tokens:,} "
@@ -517,9 +517,10 @@ def loop(run: Run, counted: bool, *, heldout_files, max_tokens, max_time, log_ev
               + ("; bf16 autocast" if bf16 else "; fp32")
               + (" (bf16 is not native here)" if recipe_bf16 and not bf16 else "")
               + (f"; resumed at step {run.step:,}" if run.resumed else ""), flush=True)
-        bar = tqdm(total=None if run.total_steps == sys.maxsize else run.total_steps,
-                   initial=run.step, unit="batch", disable=not progress, dynamic_ncols=True,
-                   file=sys.stderr, smoothing=0.05)
+        # off a terminal, the step lines every log_every batches are the progress (no bar)
+        bar = progress_bar(None if run.total_steps == sys.maxsize else run.total_steps,
+                           initial=run.step, unit="batch", enabled=progress, every=None,
+                           interval=None, dynamic_ncols=True, smoothing=0.05)
     record: dict = {}
     sigint = SigintFlag(run.is_main or dist_on, dist_on)
     it = iter(run.stream)

@@ -14,6 +14,7 @@ import argparse
 import sys
 from typing import Optional
 
+from .. import progress
 from ..config import ElmoError
 from . import embed, lm, quickstart, tasks
 
@@ -39,7 +40,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         add_flags(p)
         args = p.parse_args(argv[1:])
         try:
-            return run(args) or 0
+            with progress.policy(getattr(args, "progress", None)):   # --progress / --no-progress
+                return run(args) or 0
         except ElmoError as e:
             print(f"elmo {name}: error: {e}", file=sys.stderr)
             return 2

@@ -1,5 +1,5 @@
-"""What every command handler shares: the one-line warning format, flag range checks, and the
-argv of a parsed command (to re-run it under torchrun)."""
+"""What every command handler shares: the one-line warning format, the progress flags, flag range
+checks, and the argv of a parsed command (to re-run it under torchrun)."""
 from __future__ import annotations
 
 import argparse
@@ -26,6 +26,17 @@ def warnings_as_lines(command: str) -> Iterator[None]:
         yield
 
 
+def add_progress_flags(p: argparse.ArgumentParser) -> None:
+    """--progress / --no-progress (default: a bar on a terminal, periodic lines otherwise;
+    torch_elmo/progress.py owns the policy, cli/__init__.py applies the flags to the command)."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--progress", dest="progress", action="store_const", const=True, default=None,
+                   help="a progress bar even when stderr is not a terminal (default: a bar on a "
+                        "terminal, a plain progress line now and then in a log file or pipe)")
+    g.add_argument("--no-progress", dest="progress", action="store_const", const=False,
+                   default=None, help="no progress bar and no progress lines")
+
+
 def at_least(flag: str, value, minimum) -> None:
     if value is not None and value < minimum:
         raise ElmoError(f"{flag} must be >= {minimum}, got {value}")
@@ -43,8 +54,9 @@ def argv_from_args(args, add_flags: Callable, drop: tuple = ("nproc",)) -> list[
         v = getattr(args, a.dest, a.default)
         if v == a.default:
             continue
-        if isinstance(a, argparse._StoreTrueAction):
-            out.append(a.option_strings[0])
+        if isinstance(a, argparse._StoreConstAction):   # store_true, --progress / --no-progress
+            if v == a.const:
+                out.append(a.option_strings[0])
         else:
             out += [a.option_strings[0], str(v)]
     return out

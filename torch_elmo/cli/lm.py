@@ -9,7 +9,7 @@ from typing import Optional
 
 from ..config import PRESETS, RECIPES, ElmoError, Options, preset, read_options, with_recipe
 from ..device import resolve_device
-from .common import argv_from_args, at_least, warnings_as_lines
+from .common import add_progress_flags, argv_from_args, at_least, warnings_as_lines
 
 
 def add_vocab_flags(p: argparse.ArgumentParser) -> None:
@@ -71,7 +71,7 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
                         "evaluation, which the other ranks wait for)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (CPU or GPU)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    p.add_argument("--no-progress", action="store_true")
+    add_progress_flags(p)
 
 
 def add_test_flags(p: argparse.ArgumentParser) -> None:
@@ -226,7 +226,7 @@ def cmd_train(args) -> int:
                         eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
                         heldout_batch_size=getattr(args, "heldout_batch_size", 256),
                         heldout_max_batches=args.heldout_max_batches, device=device,
-                        bf16=args.bf16, progress=not args.no_progress, vocab_path=args.vocab,
+                        bf16=args.bf16, progress=getattr(args, "progress", None), vocab_path=args.vocab,
                         rank=rank, world_size=world_size)
         except KeyboardInterrupt:
             if world_size > 1:   # all ranks stopped at the same step: the group is healthy
