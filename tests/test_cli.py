@@ -76,3 +76,26 @@ def test_long_commands_take_progress_and_no_progress(command, capsys):
         cli.main([command, "--help"])
     out = capsys.readouterr().out
     assert "--progress" in out and "--no-progress" in out
+
+
+@pytest.mark.parametrize("command,ours,theirs", [
+    ("train", ["--train", "--vocab", "--save-dir", "--batch-size", "--epochs", "--nproc"],
+     ["--train_prefix", "--vocab_file", "--save_dir", "--batch_size", "--n_epochs", "--n_gpus"]),
+    ("test", ["--test", "--vocab", "--save-dir", "--batch-size"],
+     ["--test_prefix", "--vocab_file", "--save_dir", "--batch_size"]),
+    ("export", ["--save-dir", "--out"], ["--save_dir", "--outfile"])])
+def test_help_shows_our_spelling_not_bilm_tfs(command, ours, theirs, capsys):
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    out = capsys.readouterr().out
+    assert all(f in out for f in ours) and not any(f in out for f in theirs)
+    import argparse
+    p = argparse.ArgumentParser()           # and the aliases parse to our flags
+    cli.COMMANDS[command][1](p)
+    args = p.parse_args({
+        "train": ["--train_prefix=a*", "--vocab_file", "v", "--save_dir", "s", "--n_gpus", "2"],
+        "test": ["--test_prefix=a*", "--vocab_file", "v", "--save_dir", "s", "--batch_size", "8"],
+        "export": ["--save_dir", "s", "--outfile", "w.hdf5"]}[command])
+    assert args.save_dir == "s"
+    if command != "export":
+        assert (args.vocab, getattr(args, command)) == ("v", "a*")

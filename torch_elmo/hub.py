@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Optional
 
 from .config import ElmoError
+from .errors import quote
 
 BASE_URL = "https://allennlp.s3.amazonaws.com/models/elmo"
 
@@ -274,7 +275,7 @@ def resolve_hf(address: str) -> tuple[str, str]:
             raise ElmoError(f"{address}: no revision {revision!r} in {repo_id}") from None
         except (HfHubHTTPError, OSError, ValueError) as e:  # HTTP errors, a malformed repo id
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise ElmoError(f"{address}: {first}") from None
+            raise ElmoError(f"{address}: {quote(first)}") from None
 
     options = get("options.json")
     weights = None

@@ -1,8 +1,10 @@
-"""What every command handler shares: the one-line warning format, the progress flags, flag range
-checks, and the argv of a parsed command (to re-run it under torchrun)."""
+"""What every command handler shares: the one-line warning format, the progress flags, bilm-tf's
+flag spellings (aliases hidden from --help), flag range checks, and the argv of a parsed command
+(to re-run it under torchrun)."""
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import warnings
 from contextlib import contextmanager
@@ -24,6 +26,29 @@ def warnings_as_lines(command: str) -> Iterator[None]:
         warnings.simplefilter("always")
         warnings.showwarning = one_line_warnings(command)
         yield
+
+
+# bilm-tf's spellings of our flags (its bin/train_elmo.py, restart.py, run_test.py,
+# dump_weights.py): accepted, so its walkthrough runs with `elmo` in front, and left out of --help
+# (README, "bilm-tf's flags"); each add_<command>_flags marks its own with `bilm_tf`
+BILM_TF_SPELLINGS: set[str] = set()
+
+
+def bilm_tf(flag: str) -> str:
+    """`flag` as bilm-tf spelled it: an alias that --help does not show."""
+    BILM_TF_SPELLINGS.add(flag)
+    return flag
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """--help shows our spelling of each flag, not bilm-tf's aliases."""
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        shown = [s for s in action.option_strings if s not in BILM_TF_SPELLINGS]
+        if action.option_strings and shown != action.option_strings:
+            action = copy.copy(action)
+            action.option_strings = shown
+        return super()._format_action_invocation(action)
 
 
 def add_progress_flags(p: argparse.ArgumentParser) -> None:
