@@ -534,7 +534,9 @@ def embed_file(embedder: ElmoEmbedder, input_file, output_file: str | os.PathLik
     (`use_sentence_keys`: datasets named by their stripped line, no `sentence_to_index`;
     `forget_sentences`: no `sentence_to_index`). Empty lines give (3, 0, 2P). Undecodable bytes
     become U+FFFD, one warning to `warn`. Lines longer than `max_tokens` are embedded in
-    overlapping windows (`token_windows`) and rejoined. Written atomically; returns the count."""
+    overlapping windows (`token_windows`) and rejoined. Written atomically, as the layout (HDF5's
+    metadata, after a check that the whole file fits on the disk) and then the vectors in place
+    (`write_lines_at`), so a disk that fills is one line; returns the count."""
     check_embed_file_args(layers, batch_size, dtype, max_tokens)
     output_file = os.fspath(output_file)
     _, lines = read_input(input_file, warn)
