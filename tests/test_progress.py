@@ -52,3 +52,14 @@ def test_a_loop_that_logs_its_own_lines_gets_none():
             bar.update(1)
             bar.set_postfix(loss="1.0")
     assert log.getvalue() == ""
+
+
+def test_the_lines_take_tqdms_calls():
+    """A loop written for tqdm (bar.n, set_postfix(..., refresh=False), write) runs unchanged."""
+    log = io.StringIO()
+    with progress_bar(100, desc="predict", unit="B", every=1, file=log) as bar:
+        bar.set_postfix(texts=3, refresh=False)
+        bar.update(40 - bar.n)
+    assert bar.n == 40
+    line = log.getvalue().strip()
+    assert line.startswith("predict: 40/100 B (40%)") and line.endswith("| texts 3")

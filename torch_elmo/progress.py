@@ -83,8 +83,8 @@ class ProgressLines:
                 or (self.interval is not None and now - self.last_time >= self.interval)):
             self.report(now)
 
-    def set_postfix(self, **kwargs) -> None:
-        self.postfix = kwargs
+    def set_postfix(self, ordered_dict=None, refresh: bool = True, **kwargs) -> None:
+        self.postfix = {**(ordered_dict or {}), **kwargs}
 
     def write(self, msg: str) -> None:
         print(msg, flush=True)   # tqdm.write's default file: stdout
