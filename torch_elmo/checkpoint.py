@@ -131,7 +131,8 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # a truncated / foreign file
-        raise ElmoError(f"{path}: cannot read checkpoint ({type(e).__name__}: {quote(e)})") from None
+        raise ElmoError(f"{path}: cannot read checkpoint ({type(e).__name__}: "
+                        f"{quote(e)})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ElmoError(f"{path}: not a torch_elmo training checkpoint")
     return ckpt

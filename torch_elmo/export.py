@@ -134,7 +134,8 @@ def load_weights(model: BiLM, weight_file: str | os.PathLike) -> BiLM:
     except FileNotFoundError:
         raise ElmoError(f"{path}: weight file not found") from None
     except OSError as e:
-        raise ElmoError(f"{path}: cannot read as HDF5 (truncated or not an HDF5 file): {quote(e)}") from None
+        raise ElmoError(f"{path}: cannot read as HDF5 (truncated or not an HDF5 file): "
+                        f"{quote(e)}") from None
 
     def lookup(name: str):
         if name not in f:
@@ -147,7 +148,8 @@ def load_weights(model: BiLM, weight_file: str | os.PathLike) -> BiLM:
             try:
                 return np.asarray(ds[...], dtype=np.float32)
             except (OSError, RuntimeError, KeyError) as e:
-                raise ElmoError(f"{path}: cannot read dataset '{name}' (truncated file?): {quote(e)}") from None
+                raise ElmoError(f"{path}: cannot read dataset '{name}' (truncated file?): "
+                                f"{quote(e)}") from None
         return tuple(ds.shape), read
 
     with f:

@@ -236,7 +236,8 @@ def cmd_train(args) -> int:
                         eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
                         heldout_batch_size=getattr(args, "heldout_batch_size", 256),
                         heldout_max_batches=args.heldout_max_batches, device=device,
-                        bf16=args.bf16, progress=getattr(args, "progress", None), vocab_path=args.vocab,
+                        bf16=args.bf16, progress=getattr(args, "progress", None),
+                        vocab_path=args.vocab,
                         rank=rank, world_size=world_size)
         except KeyboardInterrupt:
             if world_size > 1:   # all ranks stopped at the same step: the group is healthy
