@@ -51,7 +51,7 @@ import sys
 import time
 import zipfile
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -277,7 +277,7 @@ def _reexec_with_passive_openmp() -> None:
 
 
 def run_quickstart(work_dir: str, minutes: float = 5.0, seed: int = 0,
-                   progress: bool = True) -> int:
+                   progress: Optional[bool] = None) -> int:
     """The whole quickstart (corpus, training, perplexity, export, demos); `elmo quickstart`."""
     _reexec_with_passive_openmp()
     import torch

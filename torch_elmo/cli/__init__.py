@@ -14,8 +14,11 @@ import argparse
 import sys
 from typing import Optional
 
+from .. import progress
 from ..config import ElmoError
+from ..errors import one_line
 from . import embed, lm, predict, quickstart, tasks
+from .common import HelpFormatter
 
 COMMANDS = {**lm.COMMANDS, **embed.COMMANDS, **tasks.COMMANDS, **predict.COMMANDS,
             **quickstart.COMMANDS}
@@ -36,13 +39,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     if argv and argv[0] in COMMANDS:
         name = argv[0]
         help_, add_flags, run = COMMANDS[name]
-        p = argparse.ArgumentParser(prog=f"elmo {name}", description=help_)
+        p = argparse.ArgumentParser(prog=f"elmo {name}", description=help_,
+                                    formatter_class=HelpFormatter)
         add_flags(p)
         args = p.parse_args(argv[1:])
         try:
-            return run(args) or 0
+            with progress.policy(getattr(args, "progress", None)):   # --progress / --no-progress
+                return run(args) or 0
         except ElmoError as e:
-            print(f"elmo {name}: error: {e}", file=sys.stderr)
+            print(f"elmo {name}: error: {one_line(str(e))}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
             print(f"elmo {name}: interrupted", file=sys.stderr)
