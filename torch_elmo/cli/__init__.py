@@ -1,7 +1,7 @@
 """Command line: `elmo <command>` (also `python -m torch_elmo <command>`).
 
 One module per command group (lm: vocab / train / test / export; embed; tasks: classify / ner;
-quickstart), each with its parsers, its handlers and a `COMMANDS` table; this package joins the
+quickstart; serve), each with its parsers, its handlers and a `COMMANDS` table; this package joins the
 tables and owns the error policy: a user error (ElmoError, a missing file, bad input) prints ONE
 line `elmo <command>: error: ...` and exits 2, never a trace; a warning is one line
 `elmo <command>: warning: ...` (common.py). Handlers validate flags, then call the stage modules
@@ -15,9 +15,10 @@ import sys
 from typing import Optional
 
 from ..config import ElmoError
-from . import embed, lm, quickstart, tasks
+from . import embed, lm, quickstart, serve, tasks
 
-COMMANDS = {**lm.COMMANDS, **embed.COMMANDS, **tasks.COMMANDS, **quickstart.COMMANDS}
+COMMANDS = {**lm.COMMANDS, **embed.COMMANDS, **tasks.COMMANDS, **quickstart.COMMANDS,
+            **serve.COMMANDS}
 
 
 def build_parser() -> argparse.ArgumentParser:
