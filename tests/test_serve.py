@@ -342,7 +342,7 @@ def test_queue_timeout_503_and_a_sigkilled_server_restarts_on_its_port(model_dir
     log = tmp_path / "server.log"
     s = Server(model_dir, log, "--queue-timeout", "0.2", "--max-batch-tokens", "8")
     try:
-        big = ["one two three four five six seven eight"] * 150      # 150 forwards, > 0.2 s
+        big = ["one two three four five six seven eight"] * 100      # 100 forwards, > 0.2 s
         box = {}
         t = threading.Thread(target=lambda: box.update(r=embeddings(s.url, big)))
         t.start()
@@ -367,7 +367,7 @@ def test_queue_timeout_503_and_a_sigkilled_server_restarts_on_its_port(model_dir
 def test_sigterm_drains_under_load_and_exits_0(model_dir, tmp_path):
     s = Server(model_dir, tmp_path / "server.log", "--max-batch-tokens", "8",
                "--drain-timeout", "60")
-    request = ["a b c d e f"] * 30                                     # 30 forwards each
+    request = ["a b c d e f"] * 20                                     # 20 forwards each
     log, stop_at = [], time.monotonic() + 60
 
     def client(k):
@@ -383,7 +383,7 @@ def test_sigterm_drains_under_load_and_exits_0(model_dir, tmp_path):
                 if r.status_code != 200:
                     return
 
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(12)]
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
     for t in threads:
         t.start()
     deadline = time.monotonic() + 30
