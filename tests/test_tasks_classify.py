@@ -159,11 +159,11 @@ def test_tsv_with_an_id_column_or_swapped_columns_is_refused(tmp_path, capsys):
 # ------------------------------------------------------------- tfidf+elmo, bilstm through the CLI
 def test_tfidf_elmo_stacks_both_blocks_with_comparable_norms(embedder):
     train, test = separable_examples(40, 0), separable_examples(20, 1)
-    tfidf, (tfidf_test,) = classify.tfidf_features([e.tokens for e in train],
-                                                   [[e.tokens for e in test]])
+    _, tfidf, (tfidf_test,) = classify.tfidf_features([e.tokens for e in train],
+                                                      [[e.tokens for e in test]])
     pooled = classify.pooled_elmo(embedder, {"train": train, "test": test}, 64, None, False)
-    X = classify.hstack_tfidf_elmo({"train": tfidf, "test": tfidf_test},
-                                   {name: p["elmo"] for name, p in pooled.items()})
+    X, _ = classify.hstack_tfidf_elmo({"train": tfidf, "test": tfidf_test},
+                                      {name: p["elmo"] for name, p in pooled.items()})
     dim = 2 * embedder.model.proj_dim
     assert X["train"].shape == (40, tfidf.shape[1] + dim) and X["test"].shape[0] == 20
     dense = X["train"][:, tfidf.shape[1]:].toarray()

@@ -207,6 +207,9 @@ def resolve_model(model: str | os.PathLike, progress: Optional[bool] = None) -> 
         return resolve_hf(str(model))
     path = Path(model)
     if path.is_dir():
+        if (path / "task.json").is_file():       # tasks/saved.py's TASK_FILE
+            raise ElmoError(f"{model}: a saved task model (task.json), not an ELMo model; load "
+                            f"it with torch_elmo.load_task (or `elmo predict --model`)")
         what = "options.json + weights.hdf5 (or weights.safetensors)"
         options = _find(path, ("options.json",), "options.json", what)
         # the HDF5 when there is one; a folder with only a weights.safetensors loads from that

@@ -16,6 +16,9 @@ checkpoints) goes through here:
   (`remove_in_progress`).
 * `check_free_space(path, n_bytes)`: refuse before writing a file that cannot fit (HDF5 on a full
   disk can crash the process instead of raising).
+* `atomic_dir(path)`: the same for a whole directory (a saved task model): written into a hidden
+  temporary directory beside the target, which replaces the target only when complete; on any
+  failure the temporary directory is removed and an existing target is left as it was.
 """
 from __future__ import annotations
 
@@ -100,7 +103,10 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[str]:
         pid = tmp[len(os.path.join(parent, f".{name}.")):-len(".tmp")].split(".")[0]
         if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
             try:
-                os.remove(tmp)
+                if os.path.isdir(tmp) and not os.path.islink(tmp):
+                    shutil.rmtree(tmp)                  # an atomic_dir's temporary directory
+                else:
+                    os.remove(tmp)
                 removed.append(tmp)
             except OSError:
                 pass
@@ -165,3 +171,46 @@ def atomic_text(path: str | os.PathLike) -> Iterator:
             yield f
             f.flush()
             os.fsync(f.fileno())
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[str]:
+    """Yield a temporary directory to fill; on success it replaces the directory `path`.
+
+    An existing `path` is first renamed aside (`.<name>.<pid>.old.tmp`), the new directory is
+    renamed into place, then the old one is removed; if the second rename fails the old one is
+    put back. So a failure (an exception, a full disk) leaves `path` as it was; only a kill in
+    the instant between the two renames leaves the old directory under its aside name."""
+    path = os.fspath(path)
+    parent, name = os.path.split(os.path.abspath(path))
+    remove_stale_temporaries(path)
+    try:
+        tmp = tempfile.mkdtemp(prefix=f".{name}.{os.getpid()}.", suffix=".tmp", dir=parent)
+    except FileNotFoundError:
+        raise ElmoError(f"{path}: directory {parent} does not exist") from None
+    except OSError as e:
+        raise write_error(path, e) from None
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
+        if os.path.lexists(path):
+            old = tempfile.mkdtemp(prefix=f".{name}.{os.getpid()}.old.", suffix=".tmp",
+                                   dir=parent)
+            os.rmdir(old)                     # only its unique name is wanted
+            os.rename(path, old)
+            try:
+                os.rename(tmp, path)
+            except BaseException:
+                os.rename(old, path)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, path)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno in _WRITE_ERRNOS:
+            raise write_error(path, e) from None
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

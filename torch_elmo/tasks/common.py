@@ -103,6 +103,16 @@ class WordVocab:
         self.index = {w: i for i, w in enumerate(self.words)}
         self.singletons = {self.index[w] for w, c in counts.items() if c == 1 and w in self.index}
 
+    @classmethod
+    def from_words(cls, words: Sequence[str]) -> "WordVocab":
+        """The vocabulary of a saved model (its `words` list, id = position)."""
+        if list(words[:2]) != ["<pad>", "<unk>"]:
+            raise ElmoError(f"a word vocabulary starts with <pad>, <unk>, got {list(words[:2])}")
+        vocab = cls([])
+        vocab.words = list(words)
+        vocab.index = {w: i for i, w in enumerate(vocab.words)}
+        return vocab
+
     def __len__(self) -> int:
         return len(self.words)
 
