@@ -39,7 +39,7 @@ IN_PROGRESS: set[str] = set()
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 
 
-def _umask() -> int:
+def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -135,7 +135,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     IN_PROGRESS.add(tmp)
     try:
         yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except OSError as e:
         _remove(tmp)
@@ -192,7 +192,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[str]:
         raise write_error(path, e) from None
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())
+        os.chmod(tmp, 0o777 & ~current_umask())
         if os.path.lexists(path):
             old = tempfile.mkdtemp(prefix=f".{name}.{os.getpid()}.old.", suffix=".tmp",
                                    dir=parent)

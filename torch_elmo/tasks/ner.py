@@ -24,7 +24,7 @@ import re
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -113,6 +113,35 @@ def read_conll(path, scheme: str = "iob1", keep_docstart: bool = False) -> list[
         rows.append(parts)
     flush()
     return sentences
+
+
+def looks_like_conll(lines: Sequence[str]) -> bool:
+    """Do a file's first lines look like CoNLL (elmo predict's input guess)? A `-DOCSTART-`
+    first line, or first non-blank lines that all have the same number (>= 2) of columns and
+    end in an NER tag (O, B-X, I-X). A one-column CoNLL file is not told from text this way."""
+    rows = [l.split() for l in lines if l.strip()][:10]
+    if not rows:
+        return False
+    if rows[0][0] == "-DOCSTART-":
+        return True
+    return len(rows[0]) >= 2 and all(len(r) == len(rows[0]) and _TAG.match(r[-1]) for r in rows)
+
+
+def iter_conll_tokens(lines: Iterable[tuple[str, int]]) -> Iterator[tuple[list[str], int]]:
+    """CoNLL sentences streamed from (line, position) pairs (textio.iter_lines): (the first
+    column of each token line, the position after the sentence). Blank lines end a sentence;
+    -DOCSTART- lines are document separators and are dropped, as read_conll drops them."""
+    tokens: list[str] = []
+    at = 0
+    for line, at in lines:
+        parts = line.split()
+        if parts and parts[0] != "-DOCSTART-":
+            tokens.append(parts[0])
+        elif tokens:
+            yield tokens, at
+            tokens = []
+    if tokens:
+        yield tokens, at
 
 
 def write_conll(sentences: Iterable[ConllSentence], path, extra: Optional[list] = None,

@@ -29,7 +29,7 @@ from typing import Callable, Optional, Sequence
 
 from ..config import ElmoError
 from ..hub import sha256_file
-from ..outputs import atomic_dir
+from ..outputs import atomic_dir, current_umask
 
 FORMAT = "torch-elmo-task"
 FORMAT_VERSION = 1
@@ -95,7 +95,11 @@ def save_task(path: str | os.PathLike, meta: dict, write_parts: Callable[[Path],
                             "output_dim": embedder.output_dim, **meta.get("elmo", {})}
         else:
             meta["elmo"] = None
-        meta["files"] = {rel: sha256_file(tmp / rel) for rel in list_files(tmp)}
+        files = list_files(tmp)
+        mode = 0o666 & ~current_umask()
+        for rel in files:                  # safetensors writes 0600; the rest as open() does
+            os.chmod(tmp / rel, mode)
+        meta["files"] = {rel: sha256_file(tmp / rel) for rel in files}
         with open(tmp / TASK_FILE, "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=1, ensure_ascii=False, default=str)
             f.write("\n")
