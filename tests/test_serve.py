@@ -39,16 +39,18 @@ def free_port() -> int:
 class Server:
     """`python -m torch_elmo serve --model DIR ...` as a subprocess; its log in a file."""
 
-    def __init__(self, model_dir, log_path, *flags, port=None, env=None, wait=True):
+    def __init__(self, model_dir, log_path, *flags, port=None, env=None, wait=True, argv=None):
+        """`argv`: the whole command after `elmo` (then `model_dir` and `flags` are unused and
+        `port` must be the one in it)."""
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path)
         env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+        argv = argv or ["serve", "--model", str(model_dir), "--host", "127.0.0.1", "--port",
+                        str(self.port), "--threads", "1", *flags]
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "torch_elmo", "serve", "--model", str(model_dir),
-                 "--host", "127.0.0.1", "--port", str(self.port), "--threads", "1", *flags],
-                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+            self.proc = subprocess.Popen([sys.executable, "-m", "torch_elmo", *argv], stdout=log,
+                                         stderr=subprocess.STDOUT, env=env, cwd=REPO)
         if wait:
             self.wait_ready()
 
@@ -111,9 +113,34 @@ def offline(model_dir, one_thread):
     return load(model_dir), ElmoEmbedder(str(model_dir))
 
 
+def saved_tagger(model_dir, out) -> str:
+    """A tagger trained for one epoch on a tiny CoNLL file and saved (`elmo ner --save`)."""
+    from test_tasks_ner import CONLL_IOB1
+    from torch_elmo import cli
+    conll = Path(out).parent / "mini.conll"
+    conll.write_text(CONLL_IOB1)
+    assert cli.main(["ner", "--model", str(model_dir), "--train", str(conll), "--dev", str(conll),
+                     "--test", str(conll), "--epochs", "1", "--save", str(out)]) == 0
+    return str(out)
+
+
 @pytest.fixture(scope="module")
-def server(model_dir, tmp_path_factory):
-    s = Server(model_dir, tmp_path_factory.mktemp("log") / "server.log", "--max-wait-ms", "50")
+def task_dirs(model_dir, tmp_path_factory):
+    pytest.importorskip("skops")
+    from test_tasks_classify import separable_examples, write_tsv
+    from torch_elmo import cli
+    d = tmp_path_factory.mktemp("tasks")
+    write_tsv(d / "train.tsv", separable_examples(30, 0))
+    assert cli.main(["classify", "--model", str(model_dir), "--train", str(d / "train.tsv"),
+                     "--test", str(d / "train.tsv"), "--save", str(d / "topic")]) == 0
+    return {"ner": saved_tagger(model_dir, d / "ner"), "topic": str(d / "topic")}
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, task_dirs, tmp_path_factory):
+    tasks = [f for name, path in task_dirs.items() for f in ("--task", f"{name}={path}")]
+    s = Server(model_dir, tmp_path_factory.mktemp("log") / "server.log", "--max-wait-ms", "50",
+               *tasks)
     yield s
     assert s.stop() == 0, s.log()[-3000:]
 
@@ -215,6 +242,30 @@ def test_32_concurrent_clients_get_the_offline_answers(server, offline):
     after = httpx.get(server.url + "/metrics").text
     batches = metric(after, "elmo_batch_size_count") - metric(before, "elmo_batch_size_count")
     assert 0 < batches < 128, "no two concurrent requests shared a batch"
+
+
+def test_task_predict_equals_load_task(server, task_dirs, one_thread):
+    from torch_elmo import load_task
+    texts = ["EU rejects German call to boycott British lamb .", "Peter Blackburn", "",
+             "the apple and a plum", "my hammer and saw"]
+    tagger, clf = load_task(task_dirs["ner"]), load_task(task_dirs["topic"])
+    r = httpx.post(server.url + "/v1/tasks/ner/predict", json={"input": texts}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["kind"] == "ner"
+    assert [{k: v for k, v in d.items() if k != "index"} for d in r.json()["data"]] == \
+        tagger.predict(texts)
+    r = httpx.post(server.url + "/v1/tasks/topic/predict", json={"input": texts}, timeout=60)
+    assert r.status_code == 200, r.text
+    data, proba = r.json()["data"], clf.predict_proba(texts)
+    assert [d["label"] for d in data] == clf.predict(texts)
+    assert data[2] == {"index": 2, "label": None, "probabilities": None}    # an empty text
+    for d, p in zip(data, proba):
+        if d["probabilities"] is not None:
+            assert list(d["probabilities"]) == list(clf.classes_)
+            np.testing.assert_allclose(list(d["probabilities"].values()), p, atol=1e-6, rtol=0)
+    one = httpx.post(server.url + "/v1/tasks/topic/predict", json={"input": texts[3]}).json()
+    assert one["data"][0]["label"] == clf.predict(texts[3])
+    assert httpx.get(server.url + "/health").json()["tasks"] == ["ner", "topic"]
 
 
 def test_health_metrics_and_docs(server):

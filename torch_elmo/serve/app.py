@@ -11,7 +11,9 @@ Endpoints (README "Serve it"):
   `Accept: application/x-npy` one .npy body: (n, [3,] T, 2P) padded with zeros, the token counts
   in the `X-Elmo-Lengths` header.
 * POST /v1/tasks/{name}/predict: a model saved by `elmo ner/classify --save` (`--task NAME=DIR`):
-  the tagger's tokens / tags / entities, or the classifier's label and probabilities.
+  the tagger's tokens / tags / entities (`Tagger.predict`), or the classifier's label and
+  probabilities (`TextClassifier.predict_proba`, the label its argmax, as `predict`; an empty
+  text has neither: null).
 * GET /health (200 once every model ran its warm-up batch; 503 before, and while draining),
   GET /metrics (metrics.py), GET /v1/models, OpenAPI docs at /docs.
 
@@ -359,9 +361,10 @@ def create_app(model: Union[str, os.PathLike, ElmoModel, Any],
             data = [{"index": i, **out} for i, out in enumerate(outs)]
         else:
             classes = [str(c) for c in getattr(model, "classes_", model.labels)]
-            data = [{"index": i, "label": classes[int(np.argmax(p))],
-                     "probabilities": dict(zip(classes, map(float, p)))}
-                    for i, p in enumerate(outs)]
+            data = [{"index": i, "label": None, "probabilities": None} if np.isnan(p).any()
+                    else {"index": i, "label": classes[int(np.argmax(p))],   # predict's label
+                          "probabilities": dict(zip(classes, map(float, p)))}
+                    for i, p in enumerate(outs)]              # an empty text: no label (NaN)
         n = sum(lengths)
         return JSONResponse({"object": "list", "task": name, "kind": model.kind, "data": data,
                              "usage": {"prompt_tokens": n, "total_tokens": n}})
