@@ -462,3 +462,44 @@ def test_sigterm_drains_under_load_and_exits_0(model_dir, tmp_path):
     assert all(x[2] in (200, 503) for x in log if x[0] < t_sig), log
     assert all(x[2] != 500 for x in log)
     assert "drained: every admitted request was answered" in s.log()
+
+
+# ------------------------------------------------------------------- in process, no port
+def test_cli_errors_are_one_line_before_anything_loads(model_dir, tmp_path, capsys):
+    from torch_elmo import cli
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = str(taken.getsockname()[1])
+    base = ["serve", "--model", str(model_dir), "--port", "0"]
+    try:
+        for argv, says in [
+                (["serve", "--model", str(tmp_path / "missing")], str(tmp_path / "missing")),
+                (base + ["--max-batch-tokens", "0"], "--max-batch-tokens must be >= 1"),
+                (base + ["--queue-timeout", "-1"], "--queue-timeout must be >= 0"),
+                (base + ["--task", "ner"], "--task 'ner': expected NAME=DIR"),
+                (base + ["--task", f"ner={tmp_path}"], str(tmp_path)),
+                (["serve", "--model", str(model_dir), "--port", port], f"127.0.0.1:{port}")]:
+            assert cli.main(argv) == 2, argv
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and err[0].startswith("elmo serve: error: ") and says in err[0], err
+    finally:
+        taken.close()
+
+
+def test_create_app_health_waits_for_the_warmup_and_bfloat16_runs(model_dir, offline):
+    from fastapi.testclient import TestClient
+
+    from torch_elmo.serve import create_app
+    app = create_app(str(model_dir), dtype="bfloat16", model_name="tiny-bf16")
+    r = TestClient(app).get("/health")                      # no lifespan: no worker started
+    assert r.status_code == 503 and r.json()["status"] == "loading"
+    with TestClient(app) as client:                         # lifespan: workers + warm-up
+        deadline = time.monotonic() + 60
+        while client.get("/health").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        r = client.post("/v1/embeddings", json={"input": TEXTS[0]})
+    assert r.status_code == 200 and r.json()["model"] == "tiny-bf16"
+    got, want = np.array(r.json()["data"][0]["embedding"]), offline[0].encode([TEXTS[0]])[0]
+    assert np.abs(got - want).max() < 0.05 * np.abs(want).max()        # bf16 rounding only
+    assert np.abs(got - want).max() > 1e-6                               # and it is bf16

@@ -71,7 +71,7 @@ def cmd_serve(args) -> int:
     import os
     try:
         from ..serve import ServeConfig, create_app
-        from ..serve.server import run
+        from ..serve.server import listen, run
     except ImportError as e:
         raise ElmoError(f"needs the serve extra ({e.name} is missing): "
                         f"pip install 'torch-elmo[serve]'") from None
@@ -91,8 +91,12 @@ def cmd_serve(args) -> int:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="elmo serve: %(levelname)s: %(message)s")
-    app = create_app(args.model, tasks, config)
-    run(app, args.host, args.port, config.drain_timeout, args.log_level)
+    sock = listen(args.host, args.port)
+    try:
+        app = create_app(args.model, tasks, config)
+        run(app, sock, config.drain_timeout, args.log_level)
+    finally:
+        sock.close()
     return 0
 
 

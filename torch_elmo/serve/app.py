@@ -126,9 +126,11 @@ class Served:
         return run
 
     async def infer(self, key: str, inputs: list, lengths: list[int]) -> list:
-        if sum(lengths) > self.config.max_request_tokens:
-            raise ApiError(413, f"the request has {sum(lengths)} tokens, over the limit of "
-                                f"{self.config.max_request_tokens} (--max-request-tokens)")
+        cost = sum(max(n, 1) for n in lengths)            # an empty text still costs a row
+        if cost > self.config.max_request_tokens:
+            raise ApiError(413, f"the request has {cost} tokens (an empty text counts 1), over "
+                                f"the limit of {self.config.max_request_tokens} "
+                                f"(--max-request-tokens)")
         try:
             return await self.batchers[key].submit(inputs, lengths, self.config.queue_timeout)
         except QueueTimeout:

@@ -9,10 +9,12 @@ stops at once."""
 from __future__ import annotations
 
 import logging
+import socket
 import time
 
 import uvicorn
 
+from ..config import ElmoError
 from .app import Served
 
 log = logging.getLogger("torch_elmo.serve")
@@ -47,8 +49,23 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
-def run(app, host: str, port: int, drain_timeout: float, log_level: str = "info") -> None:
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                            timeout_graceful_shutdown=max(drain_timeout, 1.0),
-                            access_log=False)
-    DrainingServer(config, app.state.served, drain_timeout).run()
+def listen(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the models load (a taken port is one line at once).
+    SO_REUSEADDR: a killed server's port is free again at once (its connections in TIME_WAIT
+    do not block it)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port,
+                                                             type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as e:
+        raise ElmoError(f"cannot listen on {host}:{port} (--host, --port): "
+                        f"{e.strerror or e}") from None
+    return sock
+
+
+def run(app, sock: socket.socket, drain_timeout: float, log_level: str = "info") -> None:
+    config = uvicorn.Config(app, log_level=log_level, access_log=False,
+                            timeout_graceful_shutdown=max(drain_timeout, 1.0))
+    DrainingServer(config, app.state.served, drain_timeout).run(sockets=[sock])
