@@ -9,7 +9,7 @@ Endpoints (README "Serve it"):
 * POST /v1/embed: token-level vectors as `ElmoEmbedder(M).embed_batch` gives them, `layers`
   all / top / average (embed.reduce_layers), float32 or float16; JSON, or with
   `Accept: application/x-npy` one .npy body: (n, [3,] T, 2P) padded with zeros, the token counts
-  in the `X-Elmo-Lengths` header.
+  (what splitting each input on whitespace gives) in the `X-Elmo-Lengths` header.
 * POST /v1/tasks/{name}/predict: a model saved by `elmo ner/classify --save` (`--task NAME=DIR`):
   the tagger's tokens / tags / entities (`Tagger.predict`), or the classifier's label and
   probabilities (`TextClassifier.predict_proba`, the label its argmax, as `predict`; an empty
@@ -335,16 +335,16 @@ def create_app(model: Union[str, os.PathLike, ElmoModel, Any],
             layers = await served.infer("", tokens, lengths)
         dtype = np.float16 if body.dtype == "float16" else np.float32
         arrays = [reduce_layers(emb, body.layers).astype(dtype) for emb in layers]
-        n = sum(lengths)
         if NPY in request.headers.get("accept", ""):
             return Response(await run_in_threadpool(npy_bytes, arrays, lengths), media_type=NPY,
                             headers={"X-Elmo-Lengths": ",".join(map(str, lengths))})
-        data = await run_in_threadpool(lambda: [
+        n = sum(lengths)
+        head = {"object": "list", "model": served.name, "layers": body.layers,
+                "dtype": body.dtype, "usage": {"prompt_tokens": n, "total_tokens": n}}
+        # large bodies: built and JSON-encoded off the event loop
+        return await run_in_threadpool(lambda: JSONResponse({**head, "data": [
             {"object": "embedding", "index": i, "tokens": t, "embedding": a.tolist()}
-            for i, (t, a) in enumerate(zip(tokens, arrays))])
-        return JSONResponse({"object": "list", "data": data, "model": served.name,
-                             "layers": body.layers, "dtype": body.dtype,
-                             "usage": {"prompt_tokens": n, "total_tokens": n}})
+            for i, (t, a) in enumerate(zip(tokens, arrays))]}))
 
     @app.post("/v1/tasks/{name}/predict", openapi_extra=openapi_body(PredictRequest),
               summary="a saved tagger's entities or classifier's labels (elmo ner/classify --save)")
