@@ -5,6 +5,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -225,4 +226,4 @@ def test_serve_snippets_run_against_the_readme_command(tiny_dir, tmp_path):
         want = load(tiny_dir).encode(["Nothing suits me like a suit"])[0]
         assert np.abs(np.array(scope["vector"], dtype=np.float32) - want).max() < 1e-6
     finally:
-        assert server.stop() == 0, server.log()[-3000:]
+        assert server.stop(signal.SIGINT) == 0, server.log()[-3000:]      # Ctrl-C drains too
