@@ -391,13 +391,16 @@ def test_overload_gets_429_with_retry_after_never_5xx_then_serves(strict, offlin
 def test_queue_timeout_503_and_a_sigkilled_server_restarts_on_its_port(model_dir, tmp_path,
                                                                        offline):
     log = tmp_path / "server.log"
-    s = Server(model_dir, log, "--queue-timeout", "0.2", "--max-batch-tokens", "8")
+    s = Server(model_dir, log, "--queue-timeout", "0.1", "--max-batch-tokens", "400")
     try:
-        big = ["one two three four five six seven eight"] * 100      # 100 forwards, > 0.2 s
+        big = [" ".join(["word"] * 400)] * 8         # 8 forwards of 400 LSTM steps, >> 0.1 s
         box = {}
         t = threading.Thread(target=lambda: box.update(r=embeddings(s.url, big)))
         t.start()
-        time.sleep(0.1)
+        deadline = time.monotonic() + 30
+        while (metric(httpx.get(s.url + "/metrics").text, "elmo_batch_size_count") < 2
+               and time.monotonic() < deadline):                       # the big one is running
+            time.sleep(0.01)
         r = embeddings(s.url, ["behind the big one"])
         t.join(60)
         assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1
@@ -442,7 +445,7 @@ def test_sigterm_drains_under_load_and_exits_0(model_dir, tmp_path):
         time.sleep(0.05)
     t_sig = time.monotonic()
     os.kill(s.proc.pid, signal.SIGTERM)
-    time.sleep(0.2)                                                      # the signal is handled
+    time.sleep(0.05)                                                     # the signal is handled
     health, refused = [], []
     while s.proc.poll() is None and time.monotonic() < t_sig + 60:
         try:
