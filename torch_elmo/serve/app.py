@@ -63,6 +63,7 @@ log = logging.getLogger("torch_elmo.serve")
 FAIL_TOKEN_ENV = "TORCH_ELMO_SERVE_FAIL_TOKEN"
 WARMUP_TOKENS = ["The", "server", "is", "warming", "up", "."]
 NPY = "application/x-npy"
+SHUTTING_DOWN = "the server is shutting down; retry on another replica"
 
 
 class Admission:
@@ -77,8 +78,7 @@ class Admission:
     @contextmanager
     def admit(self) -> Iterator[None]:
         if self.draining:
-            raise ApiError(503, "the server is shutting down; retry on another replica",
-                           {"Retry-After": "5"})
+            raise ApiError(503, SHUTTING_DOWN, {"Retry-After": "5"})
         if self.in_flight >= self.limit:
             raise ApiError(429, f"too many requests in flight (limit {self.limit}); retry later",
                            {"Retry-After": "1"})
@@ -138,8 +138,7 @@ class Served:
                                 f"the model (--queue-timeout); retry later",
                            {"Retry-After": "2"}) from None
         except Stopped:
-            raise ApiError(503, "the server is shutting down; retry on another replica",
-                           {"Retry-After": "5"}) from None
+            raise ApiError(503, SHUTTING_DOWN, {"Retry-After": "5"}) from None
         except ModelError as e:
             raise ApiError(500, f"the model failed on this request (error id {e.error_id}; "
                                 f"the server log has the details)", error_id=e.error_id) from None
@@ -232,7 +231,7 @@ def load_tasks(tasks: Optional[Mapping[str, Any]], device) -> dict:
         if not name or "/" in name:
             raise ElmoError(f"--task {name!r}: the name must be non-empty without '/'")
         if isinstance(model, (str, os.PathLike)):
-            from .. import load_task                  # issue 19's saved task models
+            from .. import load_task                  # tasks/load.py (imports the task extras)
             model = load_task(model, device=device)
         out[name] = model
     return out
