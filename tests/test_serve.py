@@ -285,8 +285,8 @@ def test_health_metrics_and_docs(server):
 @pytest.fixture(scope="module")
 def strict(model_dir, tmp_path_factory):
     s = Server(model_dir, tmp_path_factory.mktemp("log") / "strict.log", "--api-key", "s3cret",
-               "--max-concurrent-requests", "3", "--max-request-tokens", "200",
-               "--max-body-bytes", "20000", "--max-batch-tokens", "32",
+               "--max-concurrent-requests", "2", "--max-request-tokens", "200",
+               "--max-body-bytes", "20000", "--max-batch-tokens", "32", "--workers", "2",
                env={"TORCH_ELMO_SERVE_FAIL_TOKEN": "__boom__"})
     s.auth = {"Authorization": "Bearer s3cret"}
     yield s
@@ -296,6 +296,14 @@ def strict(model_dir, tmp_path_factory):
 def post(s, path, content=None, **kw):
     headers = {**s.auth, **kw.pop("headers", {})}
     return httpx.post(s.url + path, content=content, headers=headers, timeout=60, **kw)
+
+
+def test_two_workers_share_the_port(strict):
+    children = subprocess.run(["pgrep", "-P", str(strict.proc.pid)], capture_output=True,
+                              text=True).stdout.split()
+    assert len(children) == 2
+    for pid in children:
+        assert "--listen-fd" in Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
 
 
 def test_api_key(strict):

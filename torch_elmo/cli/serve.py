@@ -8,7 +8,7 @@ import logging
 import sys
 
 from ..config import ElmoError
-from .common import at_least
+from .common import argv_from_args, at_least
 
 
 def add_serve_flags(p: argparse.ArgumentParser) -> None:
@@ -50,7 +50,11 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
                    help="bfloat16: autocast (pays only where bf16 is native)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads of the inference worker (default: torch's, one per core; "
-                        "with N replicas on one machine give each cores / N)")
+                        "with --workers N or N replicas on one machine: cores / N each)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes sharing the port, each loading the model with its own "
+                        "inference worker (limits and /metrics are per process; default 1)")
+    p.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)  # --workers'
     p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"],
                    default="info")
 
@@ -91,10 +95,21 @@ def cmd_serve(args) -> int:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="elmo serve: %(levelname)s: %(message)s")
-    sock = listen(args.host, args.port)
+    at_least("--workers", args.workers, 1)
+    if args.listen_fd is not None:               # one of --workers' processes
+        import socket
+        sock, parent = socket.socket(fileno=args.listen_fd), os.getppid()
+    else:
+        sock, parent = listen(args.host, args.port), None
     try:
+        if args.workers > 1 and parent is None:
+            from ..serve.server import run_workers
+            threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
+            argv = argv_from_args(args, add_serve_flags, drop=("workers", "threads", "task"))
+            argv += ["--threads", str(threads)] + [a for t in args.task for a in ("--task", t)]
+            return run_workers(argv, sock, args.workers)
         app = create_app(args.model, tasks, config)
-        run(app, sock, config.drain_timeout, args.log_level)
+        run(app, sock, config.drain_timeout, args.log_level, parent)
     finally:
         sock.close()
     return 0

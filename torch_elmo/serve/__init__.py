@@ -6,7 +6,7 @@ schemas.py the request bodies and their one-line validation errors
 batcher.py the queue and the one inference worker thread per model (dynamic batching)
 metrics.py the Prometheus metrics
 app.py     create_app: the routes, admission control, error answers
-server.py  uvicorn with a graceful drain on SIGTERM / SIGINT
+server.py  uvicorn with a graceful drain on SIGTERM / SIGINT; --workers N processes
 """
 from .app import create_app
 from .config import ServeConfig
