@@ -64,6 +64,9 @@ def test_bad_directories_are_refused_in_one_line(tmp_path, tiny_model):
     with pytest.raises(ElmoError, match="no such directory") as e:
         saved.read_task(tmp_path / "nope")
     one_line(e)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ElmoError, match="file: not a directory"):
+        saved.read_task(tmp_path / "file")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ElmoError, match=r"not a saved task model \(no task.json") as e:
         saved.read_task(tmp_path / "empty")

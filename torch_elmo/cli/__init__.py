@@ -3,8 +3,8 @@
 One module per command group (lm: vocab / train / test / export; embed; tasks: classify / ner;
 predict; quickstart; serve), each with its parsers, its handlers and a `COMMANDS` table; this
 package joins the tables and owns the error policy: a user error (ElmoError, a missing file, bad
-input) prints ONE line `elmo <command>: error: ...` and exits 2, never a trace; a warning is one line
-`elmo <command>: warning: ...` (common.py). Handlers validate flags, then call the stage modules
+input) prints ONE line `elmo <command>: error: ...` and exits 2, never a trace; a warning is one
+line `elmo <command>: warning: ...` (common.py). Handlers validate flags, then call the stage modules
 (imported when the command runs, so `elmo --help` stays light); the `add_<command>_flags`
 functions are the only place flags are defined, so `elmo <command> --help` is the reference.
 """

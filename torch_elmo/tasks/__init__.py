@@ -7,8 +7,8 @@ share is in predictor.py). The names below are re-exported for `from torch_elmo.
 ...`."""
 from .bilstm import BiLSTMClassifier, train_bilstm_classifier
 from .classify import (Example, TextClassifier, detect_format, fit_and_score, pool_features,
-                       read_examples, read_trec, run_classification)
+                       read_examples, read_trec, run_classification, save_classifier)
 from .common import embed_layers, subsample
 from .load import load_task
 from .ner import (BiLSTMCRF, ConllSentence, NerResult, Tagger, iob1_to_bio, ner_scores,
-                  read_conll, train_tagger, write_conll)
+                  read_conll, save_tagger, train_tagger, write_conll)

@@ -290,7 +290,8 @@ def cache_elmo_layers(embedder: ElmoEmbedder, splits: dict[str, list[ConllSenten
     return elmo, seconds
 
 
-def train_epoch(model: BiLSTMCRF, opt, data, elmo, singletons, rng, batch_size: int, device) -> float:
+def train_epoch(model: BiLSTMCRF, opt, data, elmo, singletons, rng, batch_size: int,
+                device) -> float:
     """One pass over the training sentences in a random order; the mean loss per sentence."""
     words, cases, tags = data
     model.train()

@@ -68,7 +68,8 @@ def check_save_dir(path: str | os.PathLike, flag: str = "--save",
         raise ElmoError(f"{flag} {path}: directory {parent} does not exist (create it first)")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ElmoError(f"{flag} {path}: directory {parent} is not writable")
-    if os.path.isdir(path) and os.listdir(path) and not os.path.isfile(os.path.join(path, TASK_FILE)):
+    if (os.path.isdir(path) and os.listdir(path)
+            and not os.path.isfile(os.path.join(path, TASK_FILE))):
         raise ElmoError(f"{flag} {path}: the directory exists and is not a saved task model "
                         f"(no {TASK_FILE}); refusing to replace it (choose a new directory)")
     return path
@@ -155,8 +156,9 @@ def read_task(path: str | os.PathLike) -> dict:
     version, a missing or changed file: one-line ElmoError."""
     path = Path(path)
     if not path.is_dir():
-        raise ElmoError(f"{path}: no such directory (a saved task model is a directory written "
-                        f"by `elmo ner --save` / `elmo classify --save`)")
+        raise ElmoError(f"{path}: {'not a directory' if path.exists() else 'no such directory'}"
+                        f" (a saved task model is a directory written by `elmo ner --save` / "
+                        f"`elmo classify --save`)")
     task_file = path / TASK_FILE
     if not task_file.is_file():
         if (path / "options.json").is_file():
