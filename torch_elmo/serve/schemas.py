@@ -113,6 +113,8 @@ def parse_body(raw: bytes, model: type[BaseModel]) -> BaseModel:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise ApiError(400, f"malformed JSON: {e}") from None
+    except RecursionError:
+        raise ApiError(400, "malformed JSON: nested too deeply") from None
     if not isinstance(obj, dict):
         raise ApiError(422, f"the request body must be a JSON object, got {json_type(obj)}")
     try:
