@@ -22,7 +22,7 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
                         "/v1/tasks/NAME/predict (repeatable)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default %(default)s: this machine only; 0.0.0.0 for all)")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--port", type=int, default=8080, help="(default %(default)s; 0: any free port)")
     p.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens,
                    help="padded tokens (texts x longest) per forward (default %(default)s)")
     p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,

@@ -50,6 +50,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from ..config import ElmoError
+from ..device import resolve_device
 from ..embed import layer_tokens, pool_tokens, reduce_layers
 from ..modules import ElmoModel, load
 from .batcher import Batcher, ModelError, QueueTimeout, Stopped
@@ -253,10 +254,11 @@ def create_app(model: Union[str, os.PathLike, ElmoModel, Any],
     TextClassifier; `config` (ServeConfig) and/or its fields as keywords. Models load here (an
     ElmoError names a bad path); the worker threads start with the app (ASGI lifespan)."""
     config = replace(config or ServeConfig(), **settings).check()
-    elmo = model if isinstance(model, ElmoModel) else load(model, device=config.device)
+    device = resolve_device(config.device)                     # cuda when available
+    elmo = model if isinstance(model, ElmoModel) else load(model, device=device)
     if elmo.state == "carry":
         raise ElmoError("elmo serve needs the warm or zero state: carry depends on batch history")
-    served = Served(elmo.eval(), model_name(model, config), load_tasks(tasks, config.device),
+    served = Served(elmo.eval(), model_name(model, config), load_tasks(tasks, device),
                     config)
 
     @asynccontextmanager
