@@ -1,9 +1,9 @@
 """`elmo serve` under closed-loop load on loopback: requests/s, tokens/s, p50/p95/p99 latency
 and the server's mean batch size at concurrency 1, 8, 32, 128, against (a) the offline
 throughput of `encode` over the same sentences in one process (the ceiling; measured before and
-after the servers ran, their mean used) and (b) the same
-server with batching off (--max-batch-tokens of the largest request, --max-wait-ms 0), in ONE
-run; then the issue's targets as ratios.
+after the servers ran, their mean used) and (b) the same server with batching off
+(--max-batch-tokens of the largest request, --max-wait-ms 0), in ONE run; then the issue's
+targets as ratios.
 
     .venv/bin/python benchmarks/serve.py [--model DIR] [--requests 160] [--time-limit 20]
 
