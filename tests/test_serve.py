@@ -290,7 +290,11 @@ def strict(model_dir, tmp_path_factory):
                env={"TORCH_ELMO_SERVE_FAIL_TOKEN": "__boom__"})
     s.auth = {"Authorization": "Bearer s3cret"}
     yield s
-    assert s.stop() == 0, s.log()[-3000:]
+    workers = children_of(s.proc.pid)
+    assert s.stop() == 0, s.log()[-3000:]               # SIGTERM passed on, both drained
+    assert s.log().count("drained: every admitted request was answered") == 2
+    assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()
+                and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
 
 
 def post(s, path, content=None, **kw):
@@ -298,9 +302,20 @@ def post(s, path, content=None, **kw):
     return httpx.post(s.url + path, content=content, headers=headers, timeout=60, **kw)
 
 
+def children_of(pid: int) -> list[str]:
+    """The pids whose parent is `pid` (/proc/N/stat: ppid is the 2nd field after the name)."""
+    out = []
+    for p in Path("/proc").iterdir():
+        try:
+            if p.name.isdigit() and (p / "stat").read_text().rsplit(")", 1)[1].split()[1] == str(pid):
+                out.append(p.name)
+        except OSError:
+            pass
+    return out
+
+
 def test_two_workers_share_the_port(strict):
-    children = subprocess.run(["pgrep", "-P", str(strict.proc.pid)], capture_output=True,
-                              text=True).stdout.split()
+    children = children_of(strict.proc.pid)
     assert len(children) == 2
     for pid in children:
         assert "--listen-fd" in Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
