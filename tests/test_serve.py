@@ -340,6 +340,7 @@ def test_api_key(strict):
     ("/v1/embeddings", b"", 400, "empty request body"),
     ("/v1/embeddings", b"[" * 5000 + b"]" * 5000, 400, "nested too deeply"),
     ("/v1/embeddings", b'{"input": "caf\xe9"}', 400, "not valid UTF-8"),
+    ("/v1/embed", b'{"input": "a\\ud800b"}', 400, "lone surrogate"),
     ("/v1/embeddings", b'["a"]', 422, "must be a JSON object"),
     ("/v1/embeddings", b'{"input": []}', 422, "input: is an empty list"),
     ("/v1/embeddings", b'{"input": ["a", 3]}', 422, "input: item 1 must be a string"),

@@ -1,6 +1,7 @@
 """The request bodies of `elmo serve` (pydantic models, also the OpenAPI schemas at /docs) and
 `parse_body`: raw bytes -> a validated model, or `ApiError` with ONE line that says what is wrong
-(400: empty body, not UTF-8, malformed JSON; 422: wrong types or values, naming the field)."""
+(400: empty body, not UTF-8, malformed JSON, a lone surrogate escape; 422: wrong types or
+values, naming the field)."""
 from __future__ import annotations
 
 import json
@@ -117,6 +118,11 @@ def parse_body(raw: bytes, model: type[BaseModel]) -> BaseModel:
         raise ApiError(400, "malformed JSON: nested too deeply") from None
     if not isinstance(obj, dict):
         raise ApiError(422, f"the request body must be a JSON object, got {json_type(obj)}")
+    try:                          # a \ud800-style escape decodes to a lone surrogate: not text
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ApiError(400, f"the JSON holds a lone surrogate escape ({e.object[e.start]!r}): "
+                            f"not valid Unicode") from None
     try:
         return model.model_validate(obj)
     except ValidationError as e:
