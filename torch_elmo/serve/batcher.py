@@ -145,6 +145,7 @@ class Batcher:
             log.exception("%s: the warm-up batch failed", self.name)
             return
         self.ready.set()
+        log.info("%s: ready (the warm-up batch ran)", self.name)
         while True:
             with self.cond:
                 jobs = self.wait_and_take()
