@@ -3,6 +3,9 @@ pretrained one, a CoNLL-2003 slice, one epoch). Keep each string identical to it
 only the replacements listed beside it are applied, and each must still match."""
 import json
 import os
+import shlex
+import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -94,6 +97,37 @@ print(classifier.predict(["a gripping , funny film"]), classifier.classes_)
 print(classifier.predict_proba(["a gripping , funny film", "dull"]))   # (2, n_labels) numpy
 '''
 
+SERVE = '''\
+elmo serve --model small --task ner=ner-model/ --port 8080
+'''
+
+SERVE_CURL = '''\
+curl -s http://127.0.0.1:8080/v1/embeddings -H 'Content-Type: application/json' \\
+     -d '{"input": ["Nothing suits me like a suit", "A second text"]}'
+curl -s http://127.0.0.1:8080/v1/tasks/ner/predict -H 'Content-Type: application/json' \\
+     -d '{"input": ["Alice met Bob in Paris"]}'
+'''
+
+SERVE_HTTPX = '''\
+import io
+
+import httpx
+import numpy as np
+
+r = httpx.post("http://127.0.0.1:8080/v1/embed", headers={"Accept": "application/x-npy"},
+               json={"input": ["Nothing suits me like a suit", "A b"], "layers": "all"})
+vectors = np.load(io.BytesIO(r.content))           # (2, 3, 6, 2P), zero-padded
+lengths = [int(n) for n in r.headers["X-Elmo-Lengths"].split(",")]    # [6, 2]
+'''
+
+SERVE_OPENAI = '''\
+from openai import OpenAI
+
+client = OpenAI(base_url="http://127.0.0.1:8080/v1", api_key="unused")   # or your --api-key
+out = client.embeddings.create(model="elmo", input=["Nothing suits me like a suit"])
+vector = out.data[0].embedding           # == torch_elmo.load("small").encode([...])[0]
+'''
+
 
 def _replaced(code: str, replacements: dict) -> str:
     for old, new in replacements.items():
@@ -162,8 +196,9 @@ def test_safetensors_snippet(tiny_dir, tmp_path):
 
 def test_import_torch_elmo_imports_no_optional_package():
     code = textwrap.dedent("""
-        import sys, torch_elmo, torch_elmo.hub, torch_elmo.export
-        print(sorted(m for m in ("sklearn", "flair", "huggingface_hub", "safetensors")
+        import sys, torch_elmo, torch_elmo.hub, torch_elmo.export, torch_elmo.cli
+        print(sorted(m for m in ("sklearn", "flair", "huggingface_hub", "safetensors", "fastapi",
+                                 "starlette", "uvicorn", "prometheus_client", "openai")
                      if m in sys.modules))
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -219,3 +254,36 @@ def test_use_your_trained_model_snippets(tiny_dir, tmp_path, capsys):
     assert printed[0].startswith("[")                        # the entities of the first text
     assert printed[1].startswith("[") and "neg" in printed[1] and "pos" in printed[1]
     assert len(printed) == 4                                 # label + classes, then 2 rows
+def test_serve_snippets_run_against_the_readme_command(tiny_dir, tmp_path):
+    for module in ("fastapi", "uvicorn", "httpx", "openai", "skops"):
+        pytest.importorskip(module)
+    import numpy as np
+
+    from conftest import REPO
+    from test_serve import Server, free_port, saved_tagger
+    from torch_elmo import load
+    readme = (REPO / "README.md").read_text()
+    for snippet in (SERVE, SERVE_CURL, SERVE_HTTPX, SERVE_OPENAI):
+        assert snippet in readme
+    saved_tagger(tiny_dir, tmp_path / "ner-model")
+    port = str(free_port())
+    argv = shlex.split(_replaced(SERVE, {"small": str(tiny_dir), "8080": port,
+                                         "ner=ner-model/": f"ner={tmp_path / 'ner-model'}/"}))
+    assert argv[:2] == ["elmo", "serve"]
+    server = Server(None, tmp_path / "server.log", port=int(port), argv=argv[1:])
+    try:
+        if shutil.which("curl"):
+            out = subprocess.run(["bash", "-c", _replaced(SERVE_CURL, {"8080": port})],
+                                 capture_output=True, text=True, timeout=60, check=True).stdout
+            first, end = json.JSONDecoder().raw_decode(out)
+            second = json.loads(out[end:])
+            assert len(first["data"]) == 2 and first["usage"]["prompt_tokens"] == 9
+            assert second["kind"] == "ner" and second["data"][0]["tokens"][0] == "Alice"
+        scope = {"__name__": "__snippet__"}
+        exec(compile(_replaced(SERVE_HTTPX, {"8080": port}), "<README>", "exec"), scope)
+        assert scope["vectors"].shape == (2, 3, 6, 32) and scope["lengths"] == [6, 2]
+        exec(compile(_replaced(SERVE_OPENAI, {"8080": port}), "<README>", "exec"), scope)
+        want = load(tiny_dir).encode(["Nothing suits me like a suit"])[0]
+        assert np.abs(np.array(scope["vector"], dtype=np.float32) - want).max() < 1e-6
+    finally:
+        assert server.stop(signal.SIGINT) == 0, server.log()[-3000:]      # Ctrl-C drains too

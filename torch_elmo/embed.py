@@ -333,12 +333,25 @@ def allennlp_device(cuda_device, device: Optional[str | torch.device]) -> torch.
 
 
 # ---------------------------------------------------------------------------------- batching
-def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
+def length_sorted_batches(lengths: Sequence[int], batch_size: int,
+                          max_tokens: Optional[int] = None) -> Iterator[list[int]]:
     """Indices into `lengths` in batches of at most `batch_size`, shortest first (stable for
-    equal lengths), so a batch pads little. Callers put results back by index."""
+    equal lengths), so a batch pads little. Callers put results back by index. `max_tokens`
+    also caps a batch's padded size, rows x its longest length (an empty row counts 1); a row
+    longer than that on its own still gets a batch of its own (`elmo serve`'s batcher)."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    for start in range(0, len(order), batch_size):
-        yield order[start:start + batch_size]
+    if max_tokens is None:
+        for start in range(0, len(order), batch_size):
+            yield order[start:start + batch_size]
+        return
+    batch: list[int] = []
+    for i in order:      # ascending: the row being added is the batch's longest
+        if batch and (len(batch) == batch_size or (len(batch) + 1) * max(lengths[i], 1) > max_tokens):
+            yield batch
+            batch = []
+        batch.append(i)
+    if batch:
+        yield batch
 
 
 def input_order_batches(n: int, batch_size: int) -> Iterator[list[int]]:

@@ -1,10 +1,10 @@
 """Command line: `elmo <command>` (also `python -m torch_elmo <command>`).
 
 One module per command group (lm: vocab / train / test / export; embed; tasks: classify / ner;
-predict; quickstart), each with its parsers, its handlers and a `COMMANDS` table; this package
-joins the tables and owns the error policy: a user error (ElmoError, a missing file, bad input)
-prints ONE line `elmo <command>: error: ...` and exits 2, never a trace; a warning is one line
-`elmo <command>: warning: ...` (common.py). Handlers validate flags, then call the stage modules
+predict; quickstart; serve), each with its parsers, its handlers and a `COMMANDS` table; this
+package joins the tables and owns the error policy: a user error (ElmoError, a missing file, bad
+input) prints ONE line `elmo <command>: error: ...` and exits 2, never a trace; a warning is one
+line `elmo <command>: warning: ...` (common.py). Handlers validate flags, then call the stage modules
 (imported when the command runs, so `elmo --help` stays light); the `add_<command>_flags`
 functions are the only place flags are defined, so `elmo <command> --help` is the reference.
 """
@@ -17,11 +17,11 @@ from typing import Optional
 from .. import progress
 from ..config import ElmoError
 from ..errors import one_line
-from . import embed, lm, predict, quickstart, tasks
+from . import embed, lm, predict, quickstart, serve, tasks
 from .common import HelpFormatter
 
 COMMANDS = {**lm.COMMANDS, **embed.COMMANDS, **tasks.COMMANDS, **predict.COMMANDS,
-            **quickstart.COMMANDS}
+            **quickstart.COMMANDS, **serve.COMMANDS}
 
 
 def build_parser() -> argparse.ArgumentParser:
