@@ -1,8 +1,8 @@
 """Command line: `elmo <command>` (also `python -m torch_elmo <command>`).
 
 One module per command group (lm: vocab / train / test / export; embed; tasks: classify / ner;
-quickstart), each with its parsers, its handlers and a `COMMANDS` table; this package joins the
-tables and owns the error policy: a user error (ElmoError, a missing file, bad input) prints ONE
+quickstart; info), each with its parsers, its handlers and a `COMMANDS` table; this package joins
+the tables and owns the error policy: a user error (ElmoError, a missing file, bad input) prints ONE
 line `elmo <command>: error: ...` and exits 2, never a trace; a warning is one line
 `elmo <command>: warning: ...` (common.py). Handlers validate flags, then call the stage modules
 (imported when the command runs, so `elmo --help` stays light); the `add_<command>_flags`
@@ -15,9 +15,10 @@ import sys
 from typing import Optional
 
 from ..config import ElmoError
-from . import embed, lm, quickstart, tasks
+from . import embed, info, lm, quickstart, tasks
 
-COMMANDS = {**lm.COMMANDS, **embed.COMMANDS, **tasks.COMMANDS, **quickstart.COMMANDS}
+COMMANDS = {**lm.COMMANDS, **embed.COMMANDS, **tasks.COMMANDS, **quickstart.COMMANDS,
+            **info.COMMANDS}
 
 
 def build_parser() -> argparse.ArgumentParser:

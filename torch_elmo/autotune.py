@@ -1,0 +1,148 @@
+"""Kernel choices by measurement: which of kernels.py's fp32 implementations runs a layer fastest here.
+
+The right choice differs by machine (benchmarks/README.md: oneDNN beat MKL for the recurrent step
+by 1.1-2.5x on an AMD EPYC and tied on an Intel Xeon; tanh through sigmoid paid on one and not
+on the other). So at the first CPU inference of a layer shape on a machine, `ensure(cell)` times
+the candidates of each `kernels.Choices` field, one field at a time, the others at their
+defaults, on random weights of the layer's shapes (B = 64 rows, the inference batch), in
+alternating rounds, and keeps the fastest:
+
+    step_onednn   one recurrent step (state matmul + gate update + projection), oneDNN vs MKL
+    tanh_sigmoid  the same step with tanh through sigmoid vs torch.tanh
+    two_threads   a few steps of both directions, on two threads vs one after the other
+                  (only with 2+ torch threads)
+    block_mb      the hoisted input-to-gate matmul over two blocks' worth of rows, 8 vs 16 MB blocks
+
+All in <= BUDGET_S (2 s) of measuring; a field left when the budget is spent keeps its default.
+A candidate must be faster by MARGIN (3%) to replace the default, so noise does not flip it.
+The result is stored per machine and shape class (machine.Measurements: atomic, a corrupt file
+is measured again) and put in `kernels.TUNED`, which `kernels.lstmp_layer` reads.
+`TORCH_ELMO_AUTOTUNE=0`: nothing is measured, kernels.DEFAULT runs.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, replace
+from typing import Optional
+
+import torch
+
+from . import kernels
+from .machine import Measurements, alternate, autotune_enabled
+
+BUDGET_S = 2.0
+MARGIN = 1.03
+ROWS = 64
+WHAT = "kernels"
+
+
+class _Cell:
+    """The attributes kernels.py reads from an LSTMP, on random weights of given shapes."""
+
+    def __init__(self, input_dim: int, H: int, P: int, cell_clip: Optional[float],
+                 proj_clip: Optional[float], g: torch.Generator):
+        self.hidden_dim, self.proj_dim, self.cell_clip, self.proj_clip = H, P, cell_clip, proj_clip
+        self.input_weight = torch.randn(4 * H, input_dim, generator=g) / input_dim ** 0.5
+        self.state_weight = torch.randn(4 * H, P, generator=g) / P ** 0.5
+        self.bias = torch.zeros(4 * H)
+        self.proj_weight = torch.randn(P, H, generator=g) / H ** 0.5
+        self.fast_weights = kernels.PackCache()
+
+    def run_bias(self) -> torch.Tensor:
+        return self.bias
+
+
+def measure(input_dim: int, H: int, P: int, budget_s: float = BUDGET_S) -> dict:
+    """Time the candidates; returns {"choices": {...}, "timings_ms": {field: {candidate: ms}},
+    "seconds": total}."""
+    start = time.perf_counter()
+    g = torch.Generator().manual_seed(0)
+    cells = [_Cell(input_dim, H, P, 3.0, 3.0, g) for _ in range(2)]
+    best, timings = kernels.DEFAULT, {}
+    left = lambda: budget_s - (time.perf_counter() - start)  # noqa: E731
+    with torch.no_grad():
+        h = torch.randn(ROWS, P, generator=g)
+        gx = torch.randn(ROWS, 4 * H, generator=g)
+
+        def step(ch: kernels.Choices):
+            _, _, lin_hh, lin_p = kernels.inference_weights(cells[0], torch.float32, ch)
+            c = torch.zeros(ROWS, H)
+
+            def run():
+                z = lin_hh(h, add=gx)
+                lin_p(kernels.cell_update(z, c, 3.0, ch.tanh_sigmoid), clip=3.0)
+            return run
+
+        def layer(ch: kernels.Choices, T: int):
+            pk = kernels.Packing(torch.ones(ROWS, T, dtype=torch.bool))
+            rep = torch.randn(8, input_dim, generator=g)        # few distinct inputs: the step
+            idx = torch.randint(0, 8, (pk.N,), generator=g)     # loop dominates, as in the model
+            xs = [rep.index_select(0, idx)] * 2
+            z = [torch.zeros(ROWS, H)] * 2, [torch.zeros(ROWS, P)] * 2
+            return lambda: kernels.lstmp_layer(cells, xs, pk, *z, unique=(rep, [idx, idx]),
+                                               choices=ch)
+
+        def hoisted(ch: kernels.Choices, rows: int):
+            lin_ih, b, _, _ = kernels.inference_weights(cells[0], torch.float32, ch)
+            x = torch.randn(rows, input_dim, generator=g)
+            per = max(1, (ch.block_mb << 20) // (4 * H * 4))
+
+            def run():
+                for r0 in range(0, rows, per):
+                    lin_ih(x[r0:r0 + per], b)
+            return run
+
+        rows16 = 2 * max(1, (16 << 20) // (4 * H * 4))
+        fields = [("step_onednn", [True, False], lambda ch: step(ch)),
+                  ("tanh_sigmoid", [True, False], lambda ch: step(ch))]
+        if torch.get_num_threads() >= 2:
+            fields.append(("two_threads", [True, False], lambda ch: layer(ch, 3)))
+        fields.append(("block_mb", [16, 8], lambda ch: hoisted(ch, rows16)))
+        for name, values, make in fields:
+            if left() <= 0:
+                break
+            cands = {v: replace(kernels.DEFAULT, **{name: v}) for v in values}
+            fns = {str(v): make(ch) for v, ch in cands.items()}
+            t = alternate(fns, rounds=3, budget_s=max(left() / 3, 0.05))
+            timings[name] = {k: round(1e3 * v, 3) for k, v in t.items()}
+            default = str(getattr(kernels.DEFAULT, name))
+            fastest = min(t, key=t.get)
+            if fastest != default and t[default] > MARGIN * t[fastest]:
+                best = replace(best, **{name: values[[str(v) for v in values].index(fastest)]})
+    for cell in cells:
+        cell.fast_weights.clear()
+    return {"choices": asdict(best), "timings_ms": timings,
+            "seconds": round(time.perf_counter() - start, 3)}
+
+
+_DONE: dict[str, dict] = {}
+
+
+def ensure(cell, measurements: Optional[Measurements] = None) -> dict:
+    """The kernel choices for `cell`'s shapes on this machine: measured once (then read from the
+    cache), put in kernels.TUNED. Returns {"choices", "timings_ms", "seconds", "source"}."""
+    key = kernels.shape_class(cell)
+    memo = f"{key}@{torch.get_num_threads()}"
+    if memo in _DONE:
+        return _DONE[memo]
+    if not autotune_enabled():
+        result = {"choices": asdict(kernels.DEFAULT), "timings_ms": {}, "seconds": 0.0,
+                  "source": "fixed defaults (TORCH_ELMO_AUTOTUNE=0)"}
+    else:
+        store = measurements or Measurements()
+        result = store.load(WHAT, key)
+        if result is not None and set(result.get("choices", {})) == set(asdict(kernels.DEFAULT)):
+            result = {**result, "source": f"cached ({store.path(WHAT, key)})"}
+        else:
+            result = measure(cell.input_weight.shape[1], cell.hidden_dim, cell.proj_dim)
+            where = store.store(WHAT, key, result)
+            result = {**result, "source": f"measured now ({where or 'cache not writable'})"}
+    kernels.TUNED[key] = kernels.Choices(**result["choices"])
+    _DONE[memo] = result
+    return result
+
+
+def forget() -> None:
+    """Drop this process's decisions (tests; after TORCH_ELMO_CACHE or the threads change)."""
+    _DONE.clear()
+    kernels.TUNED.clear()
