@@ -1,17 +1,17 @@
-"""Kernel choices by measurement: which of kernels.py's fp32 implementations runs a layer fastest here.
+"""Kernel choices by measurement: which of kernels.py's fp32 implementations is fastest here.
 
-The right choice differs by machine (benchmarks/README.md: oneDNN beat MKL for the recurrent step
-by 1.1-2.5x on an AMD EPYC and tied on an Intel Xeon; tanh through sigmoid paid on one and not
-on the other). So at the first CPU inference of a layer shape on a machine, `ensure(cell)` times
-the candidates of each `kernels.Choices` field, one field at a time, the others at their
-defaults, on random weights of the layer's shapes (B = 64 rows, the inference batch), in
-alternating rounds, and keeps the fastest:
+The fastest choice differs by machine (benchmarks/README.md has the figures). So at the first CPU
+inference of a layer shape on a machine, `ensure(cell)` times the candidates of each
+`kernels.Choices` field, one field at a time, the others at their defaults, on random weights of
+the layer's shapes (B = 64 rows, the inference batch), in alternating rounds, and keeps the
+fastest:
 
     step_onednn   one recurrent step (state matmul + gate update + projection), oneDNN vs MKL
     tanh_sigmoid  the same step with tanh through sigmoid vs torch.tanh
-    two_threads   a few steps of both directions, on two threads vs one after the other
+    two_threads   two steps of both directions, on two threads vs one after the other
                   (only with 2+ torch threads)
-    block_mb      the hoisted input-to-gate matmul over two blocks' worth of rows, 8 vs 16 MB blocks
+    block_mb      the hoisted input-to-gate matmul over two of the largest blocks' rows, in
+                  16 or 8 MB blocks
 
 All in <= BUDGET_S (2 s) of measuring; a field left when the budget is spent keeps its default.
 A candidate must be faster by MARGIN (3%) to replace the default, so noise does not flip it.
@@ -92,23 +92,24 @@ def measure(input_dim: int, H: int, P: int, budget_s: float = BUDGET_S) -> dict:
                     lin_ih(x[r0:r0 + per], b)
             return run
 
-        rows16 = 2 * max(1, (16 << 20) // (4 * H * 4))
-        fields = [("step_onednn", [True, False], lambda ch: step(ch)),
-                  ("tanh_sigmoid", [True, False], lambda ch: step(ch))]
-        if torch.get_num_threads() >= 2:
-            fields.append(("two_threads", [True, False], lambda ch: layer(ch, 3)))
-        fields.append(("block_mb", [16, 8], lambda ch: hoisted(ch, rows16)))
-        for name, values, make in fields:
+        rows = 2 * max(1, (max(kernels.CANDIDATES["block_mb"]) << 20) // (4 * H * 4))
+        fields = [("step_onednn", step), ("tanh_sigmoid", step),
+                  ("two_threads", lambda ch: layer(ch, 2)),
+                  ("block_mb", lambda ch: hoisted(ch, rows))]
+        for i, (name, make) in enumerate(fields):
+            values = kernels.CANDIDATES[name]
             if left() <= 0:
                 break
+            if name == "two_threads" and torch.get_num_threads() < 2:
+                continue
             cands = {v: replace(kernels.DEFAULT, **{name: v}) for v in values}
             fns = {str(v): make(ch) for v, ch in cands.items()}
-            t = alternate(fns, rounds=3, budget_s=max(left() / 3, 0.05))
+            t = alternate(fns, rounds=3, budget_s=max(left() / (len(fields) - i), 0.05))
             timings[name] = {k: round(1e3 * v, 3) for k, v in t.items()}
             default = str(getattr(kernels.DEFAULT, name))
             fastest = min(t, key=t.get)
             if fastest != default and t[default] > MARGIN * t[fastest]:
-                best = replace(best, **{name: values[[str(v) for v in values].index(fastest)]})
+                best = replace(best, **{name: next(v for v in values if str(v) == fastest)})
     for cell in cells:
         cell.fast_weights.clear()
     return {"choices": asdict(best), "timings_ms": timings,

@@ -238,6 +238,9 @@ class Choices:
 
 
 DEFAULT = Choices()
+# the values autotune.py times for each field (the default first); tests check every combination
+CANDIDATES: dict[str, tuple] = {"step_onednn": (True, False), "two_threads": (True, False),
+                                "tanh_sigmoid": (True, False), "block_mb": (16, 8)}
 # shape_class -> Choices measured on this machine (filled by autotune.py; DEFAULT where absent)
 TUNED: dict[str, Choices] = {}
 

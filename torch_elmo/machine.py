@@ -1,4 +1,4 @@
-"""This machine: who it is, the one cache root of torch-elmo, and the store of what was measured here.
+"""This machine: who it is, the one cache root of torch-elmo, and what was measured on it.
 
 * `cache_root()`: `$TORCH_ELMO_CACHE`, else the user cache directory (platformdirs: ~/.cache/
   torch_elmo on Linux). The pretrained downloads (hub.py) and the measurements live under it.

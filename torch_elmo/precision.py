@@ -1,14 +1,14 @@
 """Precision by measurement: fp32 or bf16 for a training run, decided in one place (`choose`).
 
-bf16 pays only where the hardware makes it faster, and "native bf16" is not enough: on an Intel
-Xeon with AVX512-BF16 but no AMX, oneDNN's bf16 matmuls ran at ~0.6x fp32 speed at the model's
-shapes (benchmarks/README.md). So where bf16 would be chosen automatically (the fast recipe,
-RECIPES[...]["bf16"]), a CPU with native bf16 first times the matmuls of one training step at
-the run's own shapes in both precisions (`bf16_speedup`: well under a second, once per machine
-and shape class, cached by machine.Measurements), and bf16 is used only where it measured at
-least MARGIN (5%) faster. An explicit `--bf16` is always obeyed, with a one-line warning where
-it is emulated or measured slower. CUDA: bf16 where the GPU has it natively (no timing).
-`TORCH_ELMO_AUTOTUNE=0`: nothing is measured and automatic bf16 stays off on CPU (fp32).
+bf16 pays only where the hardware makes it faster, and "native bf16" is not enough (a CPU with
+AVX512-BF16 but no AMX can run bf16 matmuls slower than fp32; benchmarks/README.md). So where bf16
+would be chosen automatically (the fast recipe, RECIPES[...]["bf16"]), a CPU with native bf16 first
+times the matmuls of one training step at the run's own shapes in both precisions (`bf16_speedup`:
+well under a second, once per machine and shape class, cached by machine.Measurements), and bf16 is
+used only where it measured at least MARGIN (5%) faster. An explicit `--bf16` is always obeyed,
+with a one-line warning where it is emulated or measured slower. CUDA: bf16 where the GPU has it
+natively (no timing). `TORCH_ELMO_AUTOTUNE=0`: nothing is measured and automatic bf16 stays off on
+CPU (fp32).
 
 The timed matmuls, per direction and layer of a training step (B x T = batch x unroll rows;
 S = sampled negatives; rows above 512 are timed on 512 and scaled): the input-to-gate matmul

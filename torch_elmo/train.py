@@ -488,7 +488,8 @@ def run_precision(run: Run, requested: bool) -> Precision:
     """fp32 or bf16 for this run (precision.choose: --bf16 obeyed, the recipe's bf16 only where
     it measured faster); under torchrun every rank takes rank 0's decision. The warning, if any,
     is printed here, once."""
-    prec = choose(run.device, run.options, requested, RECIPES[run.options.recipe].get("bf16", False))
+    auto = RECIPES[run.options.recipe].get("bf16", False)
+    prec = choose(run.device, run.options, requested, auto)
     if run.world_size > 1:
         import torch.distributed as dist
         flag = torch.tensor([float(prec.bf16)])
