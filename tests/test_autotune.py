@@ -33,7 +33,7 @@ def test_measures_once_then_reads_the_cache(tuning, monkeypatch):
     r = autotune.ensure(_cell())
     assert calls == [(16, 64, 16)] and r["source"].startswith("measured now")
     assert 0 < r["seconds"] <= autotune.BUDGET_S + 1.0
-    assert set(r["timings_ms"]) == ({"step_onednn", "tanh_sigmoid", "block_mb"} |
+    assert set(r["timings_ms"]) == ({"step_onednn", "tanh_sigmoid", "input_onednn", "block_mb"} |
                                     ({"two_threads"} if torch.get_num_threads() >= 2 else set()))
     for field, t in r["timings_ms"].items():    # every candidate timed; the choice is one of them
         assert set(t) == {str(v) for v in kernels.CANDIDATES[field]}
@@ -84,4 +84,4 @@ def test_model_inference_triggers_it_training_does_not(tuning, monkeypatch):
     lstm = model.options.lstm
     assert seen == [(lstm.projection_dim, lstm.dim, lstm.projection_dim)]
     keys = [k for k in model.forward_layers[0].fast_weights.entries if k[0] == "lstm"]
-    assert keys == [("lstm", torch.float32, False, True)]   # the tuned tanh choice was used
+    assert keys == [("lstm", torch.float32, False, True, True)]   # the tuned tanh choice ran

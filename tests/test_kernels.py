@@ -196,7 +196,7 @@ def test_every_kernel_choice_equals_reference(monkeypatch):
             assert ch in seen, ch                 # the loop really ran with these choices
     finally:
         torch.set_num_threads(n)
-    assert len(seen) == 2 * 2 * 2 * 3
+    assert len(seen) == 2 * 2 * 2 * 2 * 3
 
 
 @pytest.mark.parametrize("skip,cell_clip,proj_clip", [(True, 3.0, 3.0), (False, None, None),

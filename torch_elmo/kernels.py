@@ -224,11 +224,13 @@ class Choices:
 
     step_onednn   the recurrent step and the projection through oneDNN with prepacked weights
                   (else MKL addmm / F.linear)
+    input_onednn  the same for the input-to-gate matmul hoisted out of the time loop
     two_threads   the two directions of a layer on two threads, one core each (`two_threads_ok`)
     tanh_sigmoid  tanh(x) = 2 sigmoid(2x) - 1 (`cell_update`), else torch.tanh
     block_mb      the input-to-gate matmul hoisted out of the time loop in blocks of at most this
                   many MB of gates (`infer_layer`)"""
     step_onednn: bool = True
+    input_onednn: bool = True
     two_threads: bool = True
     tanh_sigmoid: bool = True
     block_mb: int = 16
@@ -239,8 +241,9 @@ class Choices:
 
 DEFAULT = Choices()
 # the values autotune.py times for each field (the default first); tests check every combination
-CANDIDATES: dict[str, tuple] = {"step_onednn": (True, False), "two_threads": (True, False),
-                                "tanh_sigmoid": (True, False), "block_mb": (16, 8)}
+CANDIDATES: dict[str, tuple] = {"step_onednn": (True, False), "input_onednn": (True, False),
+                                "two_threads": (True, False), "tanh_sigmoid": (True, False),
+                                "block_mb": (16, 8)}
 # shape_class -> Choices measured on this machine (filled by autotune.py; DEFAULT where absent)
 TUNED: dict[str, Choices] = {}
 
@@ -448,17 +451,19 @@ def cell_update(z: torch.Tensor, c: torch.Tensor, cell_clip: Optional[float],
 def inference_weights(cell, dtype: torch.dtype, ch: Choices = DEFAULT):
     """(input Linear, run bias, state Linear, projection Linear) of an LSTMP for inference,
     cached in cell.fast_weights. With ch.tanh_sigmoid the j block of the gate weights and bias is
-    doubled (exact) for `cell_update`'s tanh via sigmoid; ch.step_onednn: the state and
-    projection weights prepacked for oneDNN (else MKL)."""
+    doubled (exact) for `cell_update`'s tanh via sigmoid; ch.step_onednn / input_onednn: the
+    state and projection / the input weights prepacked for oneDNN (else MKL)."""
     src = (cell.input_weight, cell.state_weight, cell.bias, cell.proj_weight)
     j = scale_j if ch.tanh_sigmoid else (lambda w: w)
 
     def build():
-        return (Linear(j(cell.input_weight.detach()).to(dtype), batch_hint=1024),
+        return (Linear(j(cell.input_weight.detach()).to(dtype), batch_hint=1024,
+                       onednn=ch.input_onednn),
                 j(cell.run_bias().detach()).to(dtype),
                 Linear(j(cell.state_weight.detach()).to(dtype), onednn=ch.step_onednn),
                 Linear(cell.proj_weight.detach().to(dtype), onednn=ch.step_onednn))
-    return cell.fast_weights.get(("lstm", dtype, ch.tanh_sigmoid, ch.step_onednn), src, build)
+    key = ("lstm", dtype, ch.tanh_sigmoid, ch.step_onednn, ch.input_onednn)
+    return cell.fast_weights.get(key, src, build)
 
 
 def infer_layer(cells: list, xs: list[torch.Tensor], pk: Packing, c0s: list[torch.Tensor],

@@ -115,11 +115,12 @@ class Measurements:
 def alternate(fns: dict[str, Callable[[], object]], rounds: int = 3,
               budget_s: float = 0.5) -> dict[str, float]:
     """Best seconds of each fn over alternating rounds: one untimed warm-up call each, then
-    rounds of one call each, stopping early when the budget is spent (at least one timed round)."""
+    rounds of one call each, stopping early when the budget (warm-up included) is spent, after
+    at least one timed round."""
+    start = time.perf_counter()
     for f in fns.values():
         f()
     best = {k: float("inf") for k in fns}
-    start = time.perf_counter()
     for r in range(rounds):
         for k, f in fns.items():
             t = time.perf_counter()
