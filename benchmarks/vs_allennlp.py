@@ -2,7 +2,7 @@
 
     bash ../shared/tools/allennlp-venv/setup.sh /tmp/allennlp-venv       # once, ~2 min
     .venv/bin/python benchmarks/vs_allennlp.py [--allennlp-python /tmp/allennlp-venv/bin/python]
-        [--presets original small] [--sentences 256] [--rounds 5] [--batch-size 64] [--threads 2]
+        [--presets original small] [--sentences 256] [--rounds 4] [--batch-size 64] [--threads 2]
 
 For each preset: a random-weight biLM (seed 0) is exported (options.json + weights.hdf5) and
 loaded by both sides, so both compute the same model. The sentences are the first N of
@@ -155,20 +155,12 @@ def compare(preset_name: str, args, sentences_file: str, env: dict) -> dict:
             "ratio_max": max(ratios)}
 
 
-def loadavg() -> str:
-    try:
-        with open("/proc/loadavg") as f:
-            return " ".join(f.read().split()[:3])
-    except OSError:
-        return "?"
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--allennlp-python", default="/tmp/allennlp-venv/bin/python")
     ap.add_argument("--presets", nargs="+", default=["original", "small"])
     ap.add_argument("--sentences", type=int, default=256)
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", help="also write the results here")
@@ -182,6 +174,8 @@ def main(argv=None) -> int:
         print(f"{args.allennlp_python} not found: build the side venv with "
               f"`bash ../shared/tools/allennlp-venv/setup.sh /tmp/allennlp-venv`", file=sys.stderr)
         return 2
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from speed import _cpu_name, _loadavg as loadavg      # (our venv only: not in the workers)
     sentences = read_sentences(CONLL, args.sentences)
     fd, sentences_file = tempfile.mkstemp(suffix=".json")
     with os.fdopen(fd, "w") as f:
@@ -191,7 +185,8 @@ def main(argv=None) -> int:
     t0 = time.time()
     print(f"{len(sentences)} sentences of {CONLL} ({sum(map(len, sentences)):,} words), batches "
           f"of {args.batch_size} sorted by length, {args.threads} threads, OMP_WAIT_POLICY="
-          f"{env['OMP_WAIT_POLICY']}, load average at start {loadavg()}", flush=True)
+          f"{env['OMP_WAIT_POLICY']}, cpu {_cpu_name()}, load average at start {loadavg()}",
+          flush=True)
     results = [compare(p, args, sentences_file, env) for p in args.presets]
     os.unlink(sentences_file)
     print("\n== ours / allennlp 2.10.1, inference words/s (same weights, same sentences)")
