@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from torch_elmo.config import ElmoError, preset, write_options
-from torch_elmo.outputs import (atomic_path, atomic_text, check_free_space, check_output,
-                                remove_stale_temporaries)
+from torch_elmo.outputs import (atomic_dir, atomic_path, atomic_text, check_free_space,
+                                check_output, remove_stale_temporaries)
 from torch_elmo.vocab import Vocabulary
 
 
@@ -64,6 +64,26 @@ def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
     with atomic_path(target) as tmp:
         Path(tmp).write_bytes(b"new")
     assert target.read_bytes() == b"new" and live.exists()
+
+
+def test_atomic_dir_replaces_whole_and_cleans_a_dead_writers_directory(tmp_path):
+    target = tmp_path / "model"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    stale = tmp_path / f".model.{dead}.abc123.tmp"          # a killed writer's half directory
+    (stale / "sub").mkdir(parents=True)
+    (stale / "sub" / "half.bin").write_bytes(b"x")
+    with atomic_dir(target) as tmp:
+        Path(tmp, "a.txt").write_text("1")
+    assert not stale.exists() and os.listdir(target) == ["a.txt"]
+    with pytest.raises(KeyError):
+        with atomic_dir(target) as tmp:
+            Path(tmp, "b.txt").write_text("2")
+            raise KeyError("failed half-way")
+    assert os.listdir(target) == ["a.txt"] and os.listdir(tmp_path) == ["model"]
+    with atomic_dir(target) as tmp:
+        Path(tmp, "b.txt").write_text("2")
+    assert os.listdir(target) == ["b.txt"] and os.listdir(tmp_path) == ["model"]
 
 
 def test_check_free_space(tmp_path):

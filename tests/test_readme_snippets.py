@@ -1,6 +1,7 @@
 """README "Use it from ..." snippets, run as written (a tiny random model in place of the
 pretrained one, a CoNLL-2003 slice, one epoch). Keep each string identical to its README block:
 only the replacements listed beside it are applied, and each must still match."""
+import json
 import os
 import subprocess
 import sys
@@ -70,6 +71,27 @@ import torch_elmo
 
 vectors = torch_elmo.load("model/").encode(["a first sentence", "another one"], batch_size=32,
                                            pooling="mean", layers="average")   # (2, 2P) numpy
+'''
+
+
+USE_SHELL = """\
+elmo ner --model model/ --train eng.train --dev eng.testa --test eng.testb --save ner-model/
+elmo classify --model model/ --train train.tsv --test test.tsv --classifier bilstm --save sst-model/
+elmo predict --model ner-model/ --input news.txt --output entities.jsonl
+elmo predict --model ner-model/ --input eng.testb --output tagged.conll --format conll
+elmo predict --model sst-model/ --input reviews.txt --output - --format tsv
+"""
+
+USE_PYTHON = '''\
+import torch_elmo
+
+tagger = torch_elmo.load_task("ner-model/")
+for doc in tagger.predict(["John Smith flew to Paris on Monday ."]):
+    print([(e["text"], e["label"], e["start_char"], e["end_char"]) for e in doc["entities"]])
+
+classifier = torch_elmo.load_task("sst-model/")
+print(classifier.predict(["a gripping , funny film"]), classifier.classes_)
+print(classifier.predict_proba(["a gripping , funny film", "dull"]))   # (2, n_labels) numpy
 '''
 
 
@@ -156,3 +178,44 @@ def test_encode_snippet_matches_the_readme(tiny_dir, tmp_path):
     exec(compile(_replaced(ENCODE, {'"model/"': repr(str(tiny_dir))}), "<README>", "exec"), scope)
     assert scope["vectors"].shape == (2, 32)
 
+
+
+def test_use_your_trained_model_snippets(tiny_dir, tmp_path, capsys):
+    """README "Use your trained model": the shell block (tiny model, a CoNLL slice, 1 epoch), then
+    the Python block on the models it saved."""
+    import shlex
+
+    from conftest import REPO
+    from test_flair import conll_slice
+    readme = (REPO / "README.md").read_text()
+    assert USE_SHELL in readme and USE_PYTHON in readme
+    conll = shared_path("data", "conll2003")
+    for name, n in (("eng.train", 40), ("eng.testa", 10), ("eng.testb", 10)):
+        conll_slice(conll / name, tmp_path / name, n)
+    rows = [("a gripping , funny film", "pos"), ("dull and slow", "neg"), ("a fine cast", "pos"),
+            ("awful , just awful", "neg")] * 3
+    for name in ("train.tsv", "test.tsv"):
+        (tmp_path / name).write_text("".join(f"{t}\t{l}\n" for t, l in rows))
+    (tmp_path / "news.txt").write_text("John Smith flew to Paris on Monday .\n\nEU rejects it .\n")
+    (tmp_path / "reviews.txt").write_text("a gripping , funny film\ndull\n")
+    outputs = []
+    for line in _replaced(USE_SHELL, {"model/ --train": f"{tiny_dir} --train"}).splitlines():
+        argv = shlex.split(line)
+        if argv[1] in ("ner", "classify"):
+            argv += ["--epochs", "1"]
+        proc = subprocess.run([sys.executable, "-m", "torch_elmo", *argv[1:]], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, (line, proc.stderr[-2000:])
+        outputs.append(proc.stdout)
+    records = [json.loads(l) for l in (tmp_path / "entities.jsonl").read_text().splitlines()]
+    assert [r["tokens"] for r in records] == [
+        "John Smith flew to Paris on Monday .".split(), [], "EU rejects it .".split()]
+    tagged = (tmp_path / "tagged.conll").read_text().split("\n\n")
+    assert tagged[0].splitlines()[0].split()[0] == (tmp_path / "eng.testb").read_text().split()[0]
+    assert [l.split("\t")[0] for l in outputs[-1].splitlines()] == ["a gripping , funny film",
+                                                                    "dull"]
+    _run_here(USE_PYTHON, tmp_path)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("[")                        # the entities of the first text
+    assert printed[1].startswith("[") and "neg" in printed[1] and "pos" in printed[1]
+    assert len(printed) == 4                                 # label + classes, then 2 rows

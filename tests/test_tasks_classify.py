@@ -159,11 +159,11 @@ def test_tsv_with_an_id_column_or_swapped_columns_is_refused(tmp_path, capsys):
 # ------------------------------------------------------------- tfidf+elmo, bilstm through the CLI
 def test_tfidf_elmo_stacks_both_blocks_with_comparable_norms(embedder):
     train, test = separable_examples(40, 0), separable_examples(20, 1)
-    tfidf, (tfidf_test,) = classify.tfidf_features([e.tokens for e in train],
-                                                   [[e.tokens for e in test]])
+    _, tfidf, (tfidf_test,) = classify.tfidf_features([e.tokens for e in train],
+                                                      [[e.tokens for e in test]])
     pooled = classify.pooled_elmo(embedder, {"train": train, "test": test}, 64, None, False)
-    X = classify.hstack_tfidf_elmo({"train": tfidf, "test": tfidf_test},
-                                   {name: p["elmo"] for name, p in pooled.items()})
+    X, _ = classify.hstack_tfidf_elmo({"train": tfidf, "test": tfidf_test},
+                                      {name: p["elmo"] for name, p in pooled.items()})
     dim = 2 * embedder.model.proj_dim
     assert X["train"].shape == (40, tfidf.shape[1] + dim) and X["test"].shape[0] == 20
     dense = X["train"][:, tfidf.shape[1]:].toarray()
@@ -223,3 +223,100 @@ def test_cli_classify_refuses_bad_combinations_in_one_line(tmp_path, capsys, fla
     rc, err = run_cli(["classify", "--train", str(train), "--test", str(train)] + flags, capsys)
     assert rc == 2 and len(err) == 1 and message in err[0], err
     assert "accuracy" not in capsys.readouterr().out
+
+
+# ------------------------------------------------- saved classifier: --save, TextClassifier
+VARIANTS = {"logreg-elmo": ["--features", "elmo"], "mlp-layer0": ["--classifier", "mlp",
+            "--features", "layer0"], "logreg-tfidf": ["--features", "tfidf"],
+            "logreg-tfidf+elmo": ["--features", "tfidf+elmo"],
+            "bilstm-elmo": ["--classifier", "bilstm", "--epochs", "2", "--hidden", "8"],
+            "bilstm-no-elmo": ["--classifier", "bilstm", "--no-elmo", "--epochs", "2",
+                               "--hidden", "8"]}
+
+
+@pytest.fixture(scope="module")
+def saved_classifiers(tmp_path_factory):
+    """`elmo classify --save DIR --predictions P` for every classifier / feature set: per
+    variant (DIR, the test examples, the labels training predicted for them)."""
+    import torch
+    from torch_elmo import BiLM, preset
+    root = tmp_path_factory.mktemp("classifiers")
+    torch.manual_seed(1234)
+    export_model(BiLM(preset("tiny")).eval(), root / "lm")
+    train, test = root / "train.tsv", root / "test.tsv"
+    write_tsv(train, separable_examples(40, 0))
+    examples = separable_examples(20, 1)
+    write_tsv(test, examples)
+    out = {}
+    for name, flags in VARIANTS.items():
+        d, pred = root / name, root / f"{name}.pred"
+        model = [] if "tfidf" == flags[-1] or "--no-elmo" in flags else ["--model",
+                                                                        str(root / "lm")]
+        assert cli.main(["classify", *model, *flags, "--train", str(train), "--test", str(test),
+                         "--dev", str(test), "--save", str(d), "--predictions", str(pred)]) == 0
+        trained = [line.split("\t")[2] for line in pred.read_text().splitlines()[1:]]
+        out[name] = (d, examples, trained)
+    return out
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_a_reloaded_classifier_predicts_what_training_predicted(saved_classifiers, variant):
+    from torch_elmo import TextClassifier, load_task
+    d, examples, trained = saved_classifiers[variant]
+    clf = load_task(d, device="cpu")
+    assert isinstance(clf, TextClassifier) and clf.kind == "classify"
+    assert clf.labels == clf.classes_ == ["fruit", "tool"]
+    assert (d / "elmo" / "weights.hdf5").is_file() == (variant not in ("logreg-tfidf",
+                                                                       "bilstm-no-elmo"))
+    assert clf.predict([e.tokens for e in examples]) == trained
+    texts = [" ".join(e.tokens) for e in examples]
+    assert clf.predict(texts[::-1], batch_size=3) == trained[::-1]
+    proba = clf.predict_proba(texts + [""])
+    assert proba.shape == (21, 2) and np.allclose(proba[:20].sum(axis=1), 1)
+    assert [clf.classes_[k] for k in proba[:20].argmax(axis=1)] == trained
+    assert np.isnan(proba[20]).all()
+    assert clf.predict(["", texts[1]]) == [None, trained[1]]
+    assert clf.predict(texts[1]) == trained[1] and clf.predict_proba(texts[1]).shape == (2,)
+
+
+def test_a_skops_file_with_a_foreign_type_is_not_loaded(saved_classifiers, tmp_path):
+    import json
+    import os
+    import shutil
+
+    import skops.io as sio
+
+    from torch_elmo import ElmoError, load_task
+    from torch_elmo.hub import sha256_file
+    d = tmp_path / "m"
+    shutil.copytree(saved_classifiers["logreg-tfidf"][0], d)
+    parts = sio.load(d / "sklearn.skops", trusted=classify.TRUSTED)
+    parts["hook"] = os.system                # what a crafted file could smuggle in
+    sio.dump(parts, d / "sklearn.skops")
+    meta = json.loads((d / "task.json").read_text())
+    meta["files"]["sklearn.skops"] = sha256_file(d / "sklearn.skops")   # even with a valid sum
+    (d / "task.json").write_text(json.dumps(meta))
+    with pytest.raises(ElmoError, match=r"sklearn\.skops: holds types .*system.*not loaded"):
+        load_task(d)
+
+
+def test_cli_classify_checks_the_save_dir_before_training(tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    train = data / "train.tsv"
+    write_tsv(train, separable_examples(40, 0))
+    base = ["classify", "--features", "tfidf", "--train", str(train), "--test", str(train)]
+    for target, message in ((data, "holds the input"), (tmp_path / "no" / "m", "does not exist"),
+                            (train, "is a file")):
+        rc, err = run_cli(base + ["--save", str(target)], capsys)
+        assert rc == 2 and len(err) == 1 and "--save" in err[0] and message in err[0], err
+        assert "accuracy" not in capsys.readouterr().out        # refused before any training
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    rc, err = run_cli(base + ["--save", str(other)], capsys)
+    assert rc == 2 and "is not a saved task model" in err[0]
+    assert (other / "keep.txt").read_text() == "mine"
+    assert run_cli(base + ["--save", str(tmp_path / "m")], capsys)[0] == 0
+    assert run_cli(base + ["--save", str(tmp_path / "m")], capsys)[0] == 0   # replaced
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "m", "notes"]

@@ -153,8 +153,84 @@ def test_cli_ner_refuses_bad_settings_and_o_only_data_before_training(tmp_path, 
         assert rc == 2 and err == [f"elmo ner: error: {flag} must be >= 1, got 0"]
     rc, err = run_cli(base + ["--predictions", str(tmp_path / "nodir" / "p.conll")], capsys)
     assert rc == 2 and len(err) == 1 and "does not exist" in err[0]
+    rc, err = run_cli(base + ["--save", str(tmp_path)], capsys)       # the dir holding train
+    assert rc == 2 and len(err) == 1 and "--save" in err[0] and "holds the input" in err[0]
+    assert "epoch" not in capsys.readouterr().out                     # before any training
     only_o = tmp_path / "o.conll"
     only_o.write_text("EU NNP I-NP O\nrejects VBZ I-VP O\n\nPeter NNP I-NP O\n\n")
     rc, err = run_cli(["ner", "--no-elmo", "--train", str(only_o), "--dev", str(conll),
                        "--test", str(conll)], capsys)
     assert rc == 2 and len(err) == 1 and "every tag is O" in err[0]
+
+
+# --------------------------------------------------------------- saved tagger: --save, Tagger
+def write_tagged(path, sentences):
+    path.write_text("".join("".join(f"{w} {t}\n" for w, t in zip(s.tokens, s.tags)) + "\n"
+                            for s in sentences))
+
+
+@pytest.fixture(scope="module")
+def saved_taggers(tmp_path_factory):
+    """`elmo ner --save DIR --predictions P` with ELMo and --no-elmo on the toy set: per variant
+    (DIR, the test sentences, the tags training predicted for them)."""
+    import torch
+    from torch_elmo import BiLM, preset
+    root = tmp_path_factory.mktemp("taggers")
+    torch.manual_seed(1234)
+    export_model(BiLM(preset("tiny")).eval(), root / "lm")
+    files = {}
+    for name, seed in (("train", 0), ("dev", 1), ("test", 2)):
+        files[name] = root / f"{name}.conll"
+        write_tagged(files[name], tagging_set(40 if name == "train" else 20, seed))
+    out = {}
+    for variant in ("elmo", "no-elmo"):
+        d, pred = root / variant, root / f"{variant}.pred"
+        flags = ["--no-elmo"] if variant == "no-elmo" else ["--model", str(root / "lm")]
+        assert cli.main(["ner", *flags, "--train", str(files["train"]), "--dev",
+                         str(files["dev"]), "--test", str(files["test"]), "--epochs", "5",
+                         "--hidden", "16", "--lr", "2e-2", "--save", str(d), "--predictions",
+                         str(pred)]) == 0
+        test = ner.read_conll(files["test"], scheme="bio")
+        tags = [s.tags for s in ner.read_conll(pred, scheme="bio")]   # last column: predicted
+        out[variant] = (d, test, tags)
+    return out
+
+
+@pytest.mark.parametrize("variant", ["elmo", "no-elmo"])
+def test_a_reloaded_tagger_predicts_what_training_predicted(saved_taggers, variant):
+    from torch_elmo import Tagger, load_task
+    d, test, trained_tags = saved_taggers[variant]
+    tagger = load_task(d, device="cpu")
+    assert isinstance(tagger, Tagger) and tagger.kind == "ner" and tagger.path == str(d)
+    assert tagger.labels == ["B-LOC", "B-PER", "I-PER", "O"] and str(tagger.device) == "cpu"
+    assert (d / "elmo" / "weights.hdf5").is_file() == (variant == "elmo")
+    got = tagger.predict([s.tokens for s in test])
+    assert [r["tags"] for r in got] == trained_tags
+    assert any(r["entities"] for r in got)
+    # strings in any batch size, in any order, give the same tags (length-sorted, input order)
+    texts = [" ".join(s.tokens) for s in test][::-1]
+    assert [r["tags"] for r in tagger.predict(texts, batch_size=1)] == trained_tags[::-1]
+
+
+def test_tagger_predict_offsets_empty_and_over_long_texts(saved_taggers):
+    from seqeval.metrics.sequence_labeling import get_entities
+    from torch_elmo import load_task
+    d, test, _ = saved_taggers["elmo"]
+    tagger = load_task(d, device="cpu")
+    text = "  alice smith   went to\tparis then  met heidi taylor in rome "
+    one = tagger.predict(text)                                   # one string: one dict
+    assert one["tokens"] == text.split() and len(one["tags"]) == len(one["tokens"])
+    assert one["entities"], one
+    for e in one["entities"]:
+        assert text[e["start_char"]:e["end_char"]] == e["text"]
+        assert e["text"] == " ".join(one["tokens"][e["start"]:e["end"]])
+    assert [(e["label"], e["start"], e["end"] - 1) for e in one["entities"]] == \
+        get_entities(one["tags"])
+    tokens = ["alice", "smith", "went", "to", "paris"]                # a token list: offsets
+    r = tagger.predict([tokens])[0]                                   # into " ".join(tokens)
+    assert all(" ".join(tokens)[e["start_char"]:e["end_char"]] == e["text"]
+               for e in r["entities"])
+    long = (text.split() * 300)[:2500]                                # windowed like elmo embed
+    out = tagger.predict(["", long, "   ", tokens], batch_size=2)
+    assert out[0] == out[2] == {"tokens": [], "tags": [], "entities": []}
+    assert len(out[1]["tags"]) == 2500 and out[3]["tags"] == r["tags"]

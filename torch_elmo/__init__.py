@@ -9,3 +9,18 @@ from .modules import Elmo, ElmoModel, ScalarMix, load
 from .vocab import Vocabulary
 
 __version__ = "0.1.0"
+
+# saved task models (elmo ner / classify --save): imported on first use, so that `import
+# torch_elmo` does not import scikit-learn, skops or safetensors
+_TASK_NAMES = ("load_task", "Tagger", "TextClassifier")
+
+
+def __getattr__(name):
+    if name in _TASK_NAMES:
+        from . import tasks
+        return getattr(tasks, name)
+    raise AttributeError(f"module 'torch_elmo' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_TASK_NAMES))

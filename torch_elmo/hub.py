@@ -14,7 +14,7 @@
   by AllenNLP, downloaded once into `cache_dir()/<name>/` (`$TORCH_ELMO_CACHE`, default the user
   cache directory, ~/.cache/torch_elmo on Linux).
 
-Downloads stream into a temp file in the target folder, show a tqdm bar (on a terminal), and are
+Downloads stream into a temp file in the target folder, show progress (progress.py), and are
 renamed into place only after every check passed, so an interrupted or corrupt download never
 leaves a file that looks complete. Checks, in order:
 
@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Optional
 
 from .config import ElmoError
+from .errors import quote
 from .machine import cache_root
 
 BASE_URL = "https://allennlp.s3.amazonaws.com/models/elmo"
@@ -101,8 +102,8 @@ def download(url: str, dest: str | os.PathLike, sha256: Optional[str] = None,
              progress: Optional[bool] = None, timeout: float = 60.0) -> Path:
     """Fetch `url` to `dest` through a temp file in dest's folder; rename only when complete and
     verified. Any failure removes the temp file and raises ElmoError with one line naming the URL.
-    `progress=None`: a bar only on a terminal."""
-    from tqdm import tqdm
+    `progress=None`: progress.py's policy (a bar on a terminal, a line every 30 s otherwise)."""
+    from .progress import progress_bar
 
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -117,14 +118,13 @@ def download(url: str, dest: str | os.PathLike, sha256: Optional[str] = None,
                 raise ElmoError(f"download {url}: HTTP {e.code} {e.reason}") from None
             except (urllib.error.URLError, OSError) as e:
                 reason = getattr(e, "reason", e)
-                raise ElmoError(f"download {url}: cannot connect ({reason})") from None
+                raise ElmoError(f"download {url}: cannot connect ({quote(reason)})") from None
             with resp:
                 length = resp.headers.get("Content-Length")
                 total = int(length) if length and length.isdigit() else None
                 etag = (resp.headers.get("ETag") or "").strip('"')
-                bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                           desc=dest.name, disable=(None if progress is None else not progress),
-                           leave=False)
+                bar = progress_bar(total, desc=dest.name, unit="B", enabled=progress,
+                                   unit_scale=True, unit_divisor=1024, leave=False)
                 with bar:
                     while True:
                         try:
@@ -210,6 +210,9 @@ def resolve_model(model: str | os.PathLike, progress: Optional[bool] = None) -> 
         return resolve_hf(str(model))
     path = Path(model)
     if path.is_dir():
+        if (path / "task.json").is_file():       # tasks/saved.py's TASK_FILE
+            raise ElmoError(f"{model}: a saved task model (task.json), not an ELMo model; load "
+                            f"it with torch_elmo.load_task (or `elmo predict --model`)")
         what = "options.json + weights.hdf5 (or weights.safetensors)"
         options = _find(path, ("options.json",), "options.json", what)
         # the HDF5 when there is one; a folder with only a weights.safetensors loads from that
@@ -277,7 +280,7 @@ def resolve_hf(address: str) -> tuple[str, str]:
             raise ElmoError(f"{address}: no revision {revision!r} in {repo_id}") from None
         except (HfHubHTTPError, OSError, ValueError) as e:  # HTTP errors, a malformed repo id
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise ElmoError(f"{address}: {first}") from None
+            raise ElmoError(f"{address}: {quote(first)}") from None
 
     options = get("options.json")
     weights = None

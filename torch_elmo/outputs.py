@@ -16,6 +16,9 @@ checkpoints) goes through here:
   (`remove_in_progress`).
 * `check_free_space(path, n_bytes)`: refuse before writing a file that cannot fit (HDF5 on a full
   disk can crash the process instead of raising).
+* `atomic_dir(path)`: the same for a whole directory (a saved task model): written into a hidden
+  temporary directory beside the target, which replaces the target only when complete; on any
+  failure the temporary directory is removed and an existing target is left as it was.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ import tempfile
 from contextlib import contextmanager
 from typing import Iterator, Sequence
 
-from .errors import ElmoError
+from .errors import ElmoError, quote
 
 # the temporaries of the atomic_path blocks running now (removed by remove_in_progress)
 IN_PROGRESS: set[str] = set()
@@ -36,7 +39,7 @@ IN_PROGRESS: set[str] = set()
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 
 
-def _umask() -> int:
+def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -76,9 +79,10 @@ def check_free_space(path: str | os.PathLike, n_bytes: int, what: str = "file") 
     """ElmoError if the file system holding `path` has less than `n_bytes` (+1%) free."""
     parent = os.path.dirname(os.path.abspath(os.fspath(path)))
     free = shutil.disk_usage(parent).free
-    if free < n_bytes * 1.01 + (64 << 10):
-        raise ElmoError(f"{path}: not enough disk space for the {what} ({n_bytes / 1e6:.1f} MB "
-                        f"needed, {free / 1e6:.1f} MB free)")
+    need = n_bytes * 1.01 + (64 << 10)
+    if free < need:
+        raise ElmoError(f"{path}: not enough disk space for the {what} ({need / 1e6:.2f} MB "
+                        f"needed, {free / 1e6:.2f} MB free)")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -100,7 +104,10 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[str]:
         pid = tmp[len(os.path.join(parent, f".{name}.")):-len(".tmp")].split(".")[0]
         if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
             try:
-                os.remove(tmp)
+                if os.path.isdir(tmp) and not os.path.islink(tmp):
+                    shutil.rmtree(tmp)                  # an atomic_dir's temporary directory
+                else:
+                    os.remove(tmp)
                 removed.append(tmp)
             except OSError:
                 pass
@@ -109,7 +116,7 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[str]:
 
 def write_error(path: str | os.PathLike, e: OSError) -> ElmoError:
     """The one-line error for an OSError met while writing `path`."""
-    return ElmoError(f"{path}: cannot write ({e.strerror or e}); nothing was written and the "
+    return ElmoError(f"{path}: cannot write ({quote(e)}); nothing was written and the "
                      f"previous file, if any, is unchanged")
 
 
@@ -129,7 +136,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     IN_PROGRESS.add(tmp)
     try:
         yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except OSError as e:
         _remove(tmp)
@@ -165,3 +172,46 @@ def atomic_text(path: str | os.PathLike) -> Iterator:
             yield f
             f.flush()
             os.fsync(f.fileno())
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[str]:
+    """Yield a temporary directory to fill; on success it replaces the directory `path`.
+
+    An existing `path` is first renamed aside (`.<name>.<pid>.old.tmp`), the new directory is
+    renamed into place, then the old one is removed; if the second rename fails the old one is
+    put back. So a failure (an exception, a full disk) leaves `path` as it was; only a kill in
+    the instant between the two renames leaves the old directory under its aside name."""
+    path = os.fspath(path)
+    parent, name = os.path.split(os.path.abspath(path))
+    remove_stale_temporaries(path)
+    try:
+        tmp = tempfile.mkdtemp(prefix=f".{name}.{os.getpid()}.", suffix=".tmp", dir=parent)
+    except FileNotFoundError:
+        raise ElmoError(f"{path}: directory {parent} does not exist") from None
+    except OSError as e:
+        raise write_error(path, e) from None
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~current_umask())
+        if os.path.lexists(path):
+            old = tempfile.mkdtemp(prefix=f".{name}.{os.getpid()}.old.", suffix=".tmp",
+                                   dir=parent)
+            os.rmdir(old)                     # only its unique name is wanted
+            os.rename(path, old)
+            try:
+                os.rename(tmp, path)
+            except BaseException:
+                os.rename(old, path)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, path)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno in _WRITE_ERRNOS:
+            raise write_error(path, e) from None
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

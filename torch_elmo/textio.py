@@ -6,7 +6,8 @@ Every text file torch_elmo reads goes through here, under one of two named polic
   A line that is not valid UTF-8 is SKIPPED and reported to a `BadLines`, which warns naming
   `file:line` for the first few and counts the rest (a corpus is data; one bad line must not stop
   a run of hours);
-* whole files whose lines are addressed by number (embedding input, task data): `read_lines`.
+* whole files whose lines are addressed by number (embedding input, task data): `read_lines`;
+  the same policy streamed, for inputs of any size (`elmo predict`): `iter_lines`.
   `errors="replace"` keeps every line (line i stays line i) with undecodable bytes as U+FFFD and one
   warning; `errors="strict"` stops with `file:line: not valid UTF-8`.
 
@@ -135,6 +136,42 @@ def iter_text(path: str, bad: BadLines, chunk_bytes: int = READ_BYTES) -> Iterat
             pending = [data[cut:]] if cut < len(data) else []
             yield decode(chunk)
             lines_before += chunk.count(b"\n")
+
+
+def iter_lines(path: str | os.PathLike, errors: str = "replace",
+               warn: Optional[Callable[[str], None]] = None) -> Iterator[tuple[str, int]]:
+    """read_lines streamed: (line, bytes read so far) for every line of `path`, split on `\n`
+    only (no line end; a trailing `\r` stays), a leading BOM dropped. `errors="replace"`: bad
+    bytes become U+FFFD and ONE message naming the first bad `file:line` goes to `warn` (the
+    count is unknown while streaming); `"strict"`: ElmoError `path:line: not valid UTF-8`."""
+    if errors not in ("strict", "replace"):
+        raise ValueError(f"errors must be 'strict' or 'replace', got {errors!r}")
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise ElmoError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise ElmoError(f"{path}: is a directory, expected a text file") from None
+    warned = False
+    done = 0
+    with f:
+        for i, raw in enumerate(f, 1):
+            done += len(raw)
+            if i == 1 and raw.startswith(BOM):
+                raw = raw[len(BOM):]
+            raw = raw[:-1] if raw.endswith(b"\n") else raw
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                if errors == "strict":
+                    raise ElmoError(f"{path}:{i}: not valid UTF-8") from None
+                line = raw.decode("utf-8", errors="replace")
+                if not warned:
+                    warned = True
+                    msg = (f"{path}:{i}: not valid UTF-8; undecodable bytes replaced by U+FFFD "
+                           f"(later such lines are not named)")
+                    (warn or (lambda m: warnings.warn(m, stacklevel=3)))(msg)
+            yield line, done
 
 
 # --------------------------------------------------------------------------------- whole files

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from ..config import ElmoError
 from ..device import resolve_device
-from .common import at_least, warnings_as_lines
+from .common import add_progress_flags, at_least, warnings_as_lines
 
 
 def add_classify_flags(p: argparse.ArgumentParser) -> None:
@@ -39,11 +40,16 @@ def add_classify_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=5e-3,
                    help="bilstm: Adam learning rate (default 5e-3, as elmo ner)")
     p.add_argument("--predictions", default=None, help="write text, gold, predicted to this TSV")
+    p.add_argument("--save", default=None, metavar="DIR",
+                   help="save the trained model to this directory (task.json, the head, a copy "
+                        "of the biLM), written atomically, for `elmo predict --model DIR` and "
+                        "torch_elmo.load_task(DIR)")
     p.add_argument("--max-train", type=int, default=None, help="random subsample of train")
     p.add_argument("--max-test", type=int, default=None, help="random subsample of test")
     p.add_argument("--batch-size", type=int, default=64, help="sentences per biLM batch")
     p.add_argument("--device", default=None, help="cpu (default), cuda")
     p.add_argument("--seed", type=int, default=0)
+    add_progress_flags(p)
 
 
 def add_ner_flags(p: argparse.ArgumentParser) -> None:
@@ -61,8 +67,21 @@ def add_ner_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-eval", type=int, default=None,
                    help="random subsample of dev and test sentences (quick runs only)")
     p.add_argument("--predictions", default=None, help="write test with gold + predicted columns")
+    p.add_argument("--save", default=None, metavar="DIR",
+                   help="save the trained model to this directory (task.json, the head, a copy "
+                        "of the biLM), written atomically, for `elmo predict --model DIR` and "
+                        "torch_elmo.load_task(DIR)")
     p.add_argument("--device", default=None, help="cpu (default), cuda")
     p.add_argument("--seed", type=int, default=0)
+    add_progress_flags(p)
+
+
+def check_save(args, inputs: list) -> None:
+    """--save DIR may be written (before any training): not an input, nor holding one."""
+    if args.save:
+        from ..tasks.saved import check_save_dir
+        model = args.model if args.model and os.path.exists(args.model) else None
+        check_save_dir(args.save, "--save", [*inputs, model, args.predictions])
 
 
 def cmd_classify(args) -> int:
@@ -72,6 +91,7 @@ def cmd_classify(args) -> int:
     from ..tasks import classify
     if args.predictions:
         check_output(args.predictions, "--predictions", [args.train, args.test, args.dev])
+    check_save(args, [args.train, args.test, args.dev])
     for flag, value in (("--batch-size", args.batch_size), ("--max-train", args.max_train),
                         ("--max-test", args.max_test), ("--epochs", args.epochs),
                         ("--patience", args.patience), ("--hidden", args.hidden)):
@@ -109,6 +129,10 @@ def cmd_classify(args) -> int:
     if args.predictions:
         classify.write_predictions(args.predictions, test, result["predictions"])
         print(f"predictions written to {args.predictions}")
+    if args.save:
+        classify.save_classifier(result, args.save, features, args.classifier, embedder,
+                                 options=vars(args))
+        print(f"model saved to {args.save} (elmo predict --model {args.save})")
     return 0
 
 
@@ -121,6 +145,7 @@ def cmd_ner(args) -> int:
     from ..tasks import ner
     if args.predictions:
         check_output(args.predictions, "--predictions", [args.train, args.dev, args.test])
+    check_save(args, [args.train, args.dev, args.test])
     for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size),
                         ("--hidden", args.hidden), ("--patience", args.patience),
                         ("--max-train", args.max_train), ("--max-eval", args.max_eval)):
@@ -146,6 +171,9 @@ def cmd_ner(args) -> int:
     if args.predictions:
         ner.write_conll(test, args.predictions, extra=res.test_predictions, bio=True)
         print(f"predictions written to {args.predictions} (last column; tags in BIO)")
+    if args.save:
+        ner.save_tagger(res, args.save, embedder, options=vars(args))
+        print(f"model saved to {args.save} (elmo predict --model {args.save})")
     return 0
 
 

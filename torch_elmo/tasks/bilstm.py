@@ -14,6 +14,10 @@ cross-entropy. With a dev set, epochs are ranked by dev (macro-F1, accuracy, the
 loss: a small dev set ties on the first two); the best one is kept and training stops after
 `patience` epochs without a better one. Without a dev set all epochs run and the last is kept.
 Seeded: the same seed gives the same predictions on the same machine.
+
+Saved with the classifier (classify.save_classifier): the network's tensors, its vocabulary and
+sizes (`bilstm_parts`); `load_bilstm` rebuilds it and `bilstm_predict` runs it on new text (the
+ELMo layers rounded to float16 as in training, predictor.py).
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ import torch.nn as nn
 
 from ..embed import ElmoEmbedder, length_sorted_batches
 from ..modules import ScalarMix
+from . import saved
 from .common import N_CASING, WordVocab, casing, classification_scores, embed_layers
 
 
@@ -100,15 +105,21 @@ def logits_of(model: BiLSTMClassifier, batch: dict, device) -> torch.Tensor:
 
 
 @torch.no_grad()
+def batched_logits(model: BiLSTMClassifier, words, cases, elmo, device, batch_size: int = 128):
+    """(indices, (B, n_labels) logits) per length-sorted batch of sentences."""
+    model.eval()
+    for idx in length_sorted_batches([len(w) for w in words], batch_size):
+        yield idx, logits_of(model, make_batch(idx, words, cases, elmo), device)
+
+
+@torch.no_grad()
 def predict_labels(model: BiLSTMClassifier, words, cases, elmo, labels: list[str], device,
                    batch_size: int = 128, y: Optional[list[int]] = None):
     """The arg-max label per sentence, batched in length order, returned in input order; with
     gold label ids `y`, also the mean cross-entropy: (labels, loss)."""
-    model.eval()
     pred: list = [None] * len(words)
     total = 0.0
-    for idx in length_sorted_batches([len(w) for w in words], batch_size):
-        logits = logits_of(model, make_batch(idx, words, cases, elmo), device)
+    for idx, logits in batched_logits(model, words, cases, elmo, device, batch_size):
         for i, k in zip(idx, logits.argmax(dim=1).tolist()):
             pred[i] = labels[k]
         if y is not None:
@@ -172,8 +183,9 @@ def train_bilstm_classifier(train: Sequence, test: Sequence, dev: Optional[Seque
     y_train = [label_index[e.label] for e in train]
     # a dev label unseen in training can never be predicted; it only counts in the scores
     y_dev = [label_index.get(e.label, -100) for e in dev] if dev is not None else None
-    model = BiLSTMClassifier(len(vocab), len(label_set), elmo_dim, hidden=hidden,
-                             word_dim=word_dim, dropout=dropout).to(device)
+    head = dict(n_words=len(vocab), n_labels=len(label_set), elmo_dim=elmo_dim, n_elmo_layers=3,
+                word_dim=word_dim, case_dim=8, hidden=hidden, dropout=dropout)
+    model = BiLSTMClassifier(**head).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     scored = sorted(set(label_set) | {e.label for e in test})   # the labels scores are over
 
@@ -219,5 +231,39 @@ def train_bilstm_classifier(train: Sequence, test: Sequence, dev: Optional[Seque
                   mix=model.mix_summary().strip(), elmo=bool(layers),
                   features_seconds=features_seconds, fit_seconds=time.time() - t0,
                   dim=model.lstm.input_size, n_train=len(train), n_test=len(test),
-                  n_dev=len(dev) if dev is not None else 0)
+                  n_dev=len(dev) if dev is not None else 0,
+                  trained=dict(model=model, vocab=vocab, labels=label_set, head=head))
     return result
+
+
+# ------------------------------------------------------------------------------------- saved
+def bilstm_parts(trained: dict) -> tuple[dict, Callable]:
+    """task.json's entries of a trained BiLSTM classifier (labels, head sizes, words, the scalar
+    mix) and the function writing its files (head tensors, vocabulary) into a directory."""
+    model = trained["model"]
+    meta = {"labels": trained["labels"], "head": trained["head"], "words": saved.words_meta(),
+            "elmo": saved.scalar_mix_meta(model.mix) if model.mix is not None else None}
+    return meta, saved.head_writer(model, trained["vocab"].words)
+
+
+def load_bilstm(path, meta: dict, device) -> tuple[BiLSTMClassifier, WordVocab]:
+    """The saved BiLSTM classifier (eval mode, on `device`) and its vocabulary."""
+    model = BiLSTMClassifier(**meta["head"])
+    saved.load_head(model, saved.part(path, meta, saved.HEAD_FILE), device)
+    return model, WordVocab.from_words(saved.read_json(saved.part(path, meta, saved.WORDS_FILE)))
+
+
+def bilstm_predict(model: BiLSTMClassifier, vocab: WordVocab, tokens: list[list[str]],
+                   elmo: Optional[list], device, batch_size: int) -> tuple[list[int], np.ndarray]:
+    """Per (non-empty) token list the arg-max label id and the softmax probabilities
+    (n, n_labels) float64, in input order."""
+    words = [vocab.ids(s) for s in tokens]
+    cases = [[casing(w) for w in s] for s in tokens]
+    pred = [0] * len(tokens)
+    proba = np.zeros((len(tokens), model.out.out_features))
+    for idx, logits in batched_logits(model, words, cases, elmo, device, batch_size):
+        for i, k, p in zip(idx, logits.argmax(dim=1).tolist(),
+                           torch.softmax(logits, dim=1).cpu().numpy()):
+            pred[i] = k
+            proba[i] = p
+    return pred, proba

@@ -22,6 +22,11 @@ regularisation strength (C for logreg, alpha for mlp) is chosen by dev macro-F1,
 classifier is fitted on train only. ELMo layers come from common.embed_layers (deterministic
 state, so features do not depend on batching).
 
+Saved (`elmo classify --save DIR`, save_classifier) and reloaded (torch_elmo.load_task) as the
+`TextClassifier` predictor: the fitted scikit-learn parts through skops.io (loaded with the
+explicit TRUSTED list of types, so loading runs no code of the file's choosing), or the BiLSTM's
+tensors (bilstm.py); the features of new text are computed as in training (predictor.py).
+
 Tokenisation: every reader strips the line, applies its format's own rule for splitting off the
 label (below), and the text is split on whitespace. The shared data sets are already tokenised
 (SST: PTB-tokenised and lowercased; TREC: tokenised; emotion: lowercased, no punctuation), so
@@ -38,9 +43,12 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..config import ElmoError
+from ..embed import DEFAULT_MAX_TOKENS
 from ..outputs import atomic_text
-from .bilstm import train_bilstm_classifier
+from . import saved
+from .bilstm import bilstm_parts, bilstm_predict, load_bilstm, train_bilstm_classifier
 from .common import bad_line, classification_scores, embed_layers, read_data_lines, subsample
+from .predictor import TaskPredictor, elmo_layers, maybe_layers, nonempty
 
 FORMATS = ("auto", "tsv", "emotion", "sst", "trec")
 
@@ -212,20 +220,24 @@ def fit_and_score(X_train, y_train, X_test, y_test, X_dev=None, y_dev=None,
         clf = make_classifier(classifier, dense, chosen, seed).fit(X_train, y_train)
     pred = clf.predict(X_test)
     result = classification_scores(y_test, pred, labels)
-    result.update(predictions=list(pred), reg=chosen, dev_scores=dev_scores, labels=labels)
+    result.update(predictions=list(pred), reg=chosen, dev_scores=dev_scores, labels=labels,
+                  trained={"classifier": clf})
     return result
 
 
-def tfidf_features(train_tokens, other_tokens: list):
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    vec = TfidfVectorizer(analyzer=lambda toks: _ngrams([t.lower() for t in toks]),
-                          sublinear_tf=True)
-    X = vec.fit_transform(train_tokens)
-    return X, [vec.transform(t) if t is not None else None for t in other_tokens]
-
-
-def _ngrams(tokens: list[str]) -> list[str]:
+def tfidf_analyzer(tokens: list[str]) -> list[str]:
+    """TF-IDF's terms of a token list: the lowercased unigrams and bigrams. Module-level (not a
+    lambda) so that skops stores it by name in a saved classifier."""
+    tokens = [t.lower() for t in tokens]
     return tokens + [a + " " + b for a, b in zip(tokens, tokens[1:])]
+
+
+def tfidf_features(train_tokens, other_tokens: list):
+    """(the fitted TfidfVectorizer, train's rows, the rows of each of `other_tokens` or None)."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    vec = TfidfVectorizer(analyzer=tfidf_analyzer, sublinear_tf=True)
+    X = vec.fit_transform(train_tokens)
+    return vec, X, [vec.transform(t) if t is not None else None for t in other_tokens]
 
 
 def pooled_elmo(embedder, splits: dict, batch_size: int, feature_cache: Optional[dict],
@@ -262,17 +274,22 @@ def split_layers(embedder, splits: dict, batch_size: int, feature_cache: Optiona
     return out
 
 
-def hstack_tfidf_elmo(tfidf: dict, elmo: dict) -> dict:
+def hstack_tfidf_elmo(tfidf: dict, elmo: dict) -> tuple[dict, object]:
     """`tfidf+elmo`: per split the TF-IDF row next to the pooled ELMo vector, standardised with
-    train's mean and std and divided by sqrt(dim). A TF-IDF row has norm 1 (l2-normalised); a
-    standardised dim-dimensional row has squared norm about dim, so after the division each block
-    contributes a norm of about 1 and neither dominates the classifier's penalty."""
-    from scipy.sparse import csr_matrix, hstack
+    train's mean and std and divided by sqrt(dim) (tfidf_elmo_rows); and the fitted scaler."""
     from sklearn.preprocessing import StandardScaler
     scaler = StandardScaler().fit(elmo["train"])
-    scale = 1.0 / np.sqrt(elmo["train"].shape[1])
-    return {name: hstack([X, csr_matrix(scaler.transform(elmo[name]) * scale)], format="csr")
-            for name, X in tfidf.items()}
+    return {name: tfidf_elmo_rows(X, elmo[name], scaler) for name, X in tfidf.items()}, scaler
+
+
+def tfidf_elmo_rows(X, elmo: np.ndarray, scaler):
+    """TF-IDF rows X next to the scaled pooled ELMo vectors. A TF-IDF row has norm 1
+    (l2-normalised); a standardised dim-dimensional row has squared norm about dim, so after
+    the division by sqrt(dim) each block contributes a norm of about 1 and neither dominates
+    the classifier's penalty."""
+    from scipy.sparse import csr_matrix, hstack
+    scale = 1.0 / np.sqrt(elmo.shape[1])
+    return hstack([X, csr_matrix(scaler.transform(elmo) * scale)], format="csr")
 
 
 def run_classification(train: list[Example], test: list[Example], dev: Optional[list] = None,
@@ -309,21 +326,24 @@ def run_classification(train: list[Example], test: list[Example], dev: Optional[
         raise ElmoError(f"--classifier must be logreg, mlp or bilstm, got {classifier!r}")
     t0 = time.time()
     if features in ("tfidf", "tfidf+elmo"):
-        Xtr, (Xte, Xdv) = tfidf_features([e.tokens for e in train],
-                                         [[e.tokens for e in test],
-                                          [e.tokens for e in dev] if dev is not None else None])
+        vec, Xtr, (Xte, Xdv) = tfidf_features(
+            [e.tokens for e in train],
+            [[e.tokens for e in test], [e.tokens for e in dev] if dev is not None else None])
         X = {"train": Xtr, "test": Xte, **({"dev": Xdv} if dev is not None else {})}
+        parts = {"vectorizer": vec}
         if features == "tfidf+elmo":
             if embedder is None:
                 raise ElmoError(f"--features {features} needs --model")
             pooled = pooled_elmo(embedder, splits, batch_size, feature_cache, progress)
-            X = hstack_tfidf_elmo(X, {name: p["elmo"] for name, p in pooled.items()})
+            X, parts["scaler"] = hstack_tfidf_elmo(X, {name: p["elmo"]
+                                                       for name, p in pooled.items()})
         dense = False
     elif features in ("elmo", "layer0"):
         if embedder is None:
             raise ElmoError(f"--features {features} needs --model")
         pooled = pooled_elmo(embedder, splits, batch_size, feature_cache, progress)
         X = {name: p[features] for name, p in pooled.items()}
+        parts = {}
         dense = True
     elif features == "words":
         raise ElmoError("--features words (no ELMo) is the BiLSTM's input: --classifier bilstm "
@@ -339,6 +359,7 @@ def run_classification(train: list[Example], test: list[Example], dev: Optional[
     result.update(features_seconds=t_feat, fit_seconds=time.time() - t0,
                   dim=X["train"].shape[1], n_train=len(train), n_test=len(test),
                   n_dev=len(dev) if dev is not None else 0)
+    result["trained"].update(parts)
     return result
 
 
@@ -423,3 +444,137 @@ def write_predictions(path, test: list[Example], predictions: Sequence[str]) -> 
         f.write("text\tgold\tpredicted\n")
         for e, p in zip(test, predictions):
             f.write(f"{' '.join(e.tokens)}\t{e.label}\t{p}\n")
+
+
+# ------------------------------------------------------------------- saved: the TextClassifier
+# The types a saved classifier's skops file may hold beyond those skops trusts by default
+# (scikit-learn's estimators, numpy, scipy): our TF-IDF analyzer, and the MLP's Adam state.
+TRUSTED = ["torch_elmo.tasks.classify.tfidf_analyzer",
+           "sklearn.neural_network._stochastic_optimizers.AdamOptimizer"]
+POOLED_ELMO = {"elmo": ("average", "mean"), "tfidf+elmo": ("average", "mean"),
+               "layer0": ("0 (the char-CNN vector, first P dims)", "mean")}
+
+
+def save_classifier(result: dict, path, features: str, classifier: str, embedder=None,
+                    options: Optional[dict] = None) -> str:
+    """The classifier run_classification trained (`result`) as a saved task model directory
+    (saved.py), with the biLM of `embedder` when the features use ELMo. `options`: the training
+    command's options, kept in task.json."""
+    trained = result["trained"]
+    uses_elmo = features not in ("tfidf", "words")
+    if uses_elmo != (embedder is not None):
+        raise ElmoError(f"save_classifier: features {features} "
+                        + ("need the embedder they were computed with" if uses_elmo
+                           else "use no ELMo: give no embedder"))
+    meta = {"kind": "classify", "model": classifier, "features": features}
+    if classifier == "bilstm":
+        part_meta, write = bilstm_parts(trained)
+        meta.update(part_meta)
+    else:
+        import skops.io as sio
+        clf = trained["classifier"]
+        meta["labels"] = [str(c) for c in clf.classes_]
+        if uses_elmo:
+            layers, pooling = POOLED_ELMO[features]
+            meta["elmo"] = {"layers": layers, "pooling": pooling, "layer_dtype": "float32",
+                            "max_tokens": DEFAULT_MAX_TOKENS}
+        meta["sklearn"] = {"file": saved.SKLEARN_FILE, "parts": sorted(trained),
+                           "reg": result.get("reg")}
+
+        def write(tmp):
+            sio.dump(dict(trained), tmp / saved.SKLEARN_FILE)
+    meta["training"] = {"command": "elmo classify", "options": options or {},
+                        "accuracy": result["accuracy"], "macro_f1": result["macro_f1"],
+                        "best_epoch": result.get("best_epoch")}
+    return saved.save_task(path, meta, write, embedder)
+
+
+class TextClassifier(TaskPredictor):
+    """A saved text classifier (`elmo classify --save DIR`; `torch_elmo.load_task(DIR)` returns
+    it): labels and probabilities for new text, scikit-learn style. `classes_` (= `labels`):
+    the order of predict_proba's columns."""
+
+    kind = "classify"
+
+    def __init__(self, path, meta: dict, device, embedder=None, sklearn_parts=None,
+                 bilstm=None):
+        super().__init__(path, meta, meta["labels"], device, embedder)
+        self.sklearn_parts = sklearn_parts or {}
+        self.bilstm = bilstm                      # (BiLSTMClassifier, WordVocab) or None
+
+    @property
+    def classes_(self) -> list[str]:
+        return self.labels
+
+    def predict(self, texts, batch_size: int = 32, show_progress_bar: bool = False):
+        """The label of each text, in input order (one string gives one label). A text is a
+        string (split on whitespace) or a list of tokens. An empty text has no label: None
+        (its predict_proba row is NaN), rather than a guess made from no words at all.
+        Batched in length order, deterministic; as the model predicted in training."""
+        return self.scores(texts, batch_size, show_progress_bar, "predict")[0]
+
+    def predict_proba(self, texts, batch_size: int = 32, show_progress_bar: bool = False
+                      ) -> np.ndarray:
+        """(n, len(classes_)) float64 probabilities, columns in `classes_` order (one string
+        gives one row); a row of NaN for an empty text. logreg / mlp: scikit-learn's
+        predict_proba; bilstm: the softmax of the logits."""
+        return self.scores(texts, batch_size, show_progress_bar, "predict_proba")[1]
+
+    def scores(self, texts, batch_size: int, show_progress_bar: bool, who: str
+               ) -> tuple[list, np.ndarray]:
+        """(labels, probabilities) of every text (predict, predict_proba)."""
+        t, chunks = self.check_texts(texts, batch_size, show_progress_bar, who)
+        labels: list = [None] * len(t.tokens)
+        proba = np.full((len(t.tokens), len(self.labels)), np.nan)
+        for idx in chunks:
+            idx = nonempty(t.tokens, idx)
+            if not idx:
+                continue
+            tokens = [t.tokens[i] for i in idx]
+            if self.bilstm is not None:
+                model, vocab = self.bilstm
+                elmo = maybe_layers(self.embedder, tokens, batch_size, np.float16)
+                pred, p = bilstm_predict(model, vocab, tokens, elmo, self.device, batch_size)
+                pred = [self.labels[k] for k in pred]
+            else:
+                X = self.features(tokens, batch_size)
+                clf = self.sklearn_parts["classifier"]
+                pred, p = [str(x) for x in clf.predict(X)], clf.predict_proba(X)
+            for k, i in enumerate(idx):
+                labels[i] = pred[k]
+                proba[i] = p[k]
+        return (labels[0], proba[0]) if t.single else (labels, proba)
+
+    def features(self, tokens: list[list[str]], batch_size: int):
+        """The logreg / mlp input rows of (non-empty) token lists, as in run_classification."""
+        features = self.meta["features"]
+        pooled = None
+        if features != "tfidf":
+            layers = elmo_layers(self.embedder, tokens, batch_size, np.float32)
+            pooled = pool_features(layers, self.embedder.model.proj_dim)
+        if features in ("elmo", "layer0"):
+            return pooled[features]
+        X = self.sklearn_parts["vectorizer"].transform(tokens)
+        if features == "tfidf":
+            return X
+        return tfidf_elmo_rows(X, pooled["elmo"], self.sklearn_parts["scaler"])
+
+
+def load_classifier(path, meta: dict, device) -> TextClassifier:
+    """The TextClassifier of a saved model directory whose task.json (`meta`) read_task
+    checked."""
+    embedder = saved.load_embedder(path, meta, device)
+    if meta["model"] == "bilstm":
+        return TextClassifier(path, meta, device, embedder,
+                              bilstm=load_bilstm(path, meta, device))
+    import skops.io as sio
+    from skops.io.exceptions import UntrustedTypesFoundException
+    file = saved.part(path, meta, saved.SKLEARN_FILE)
+    try:
+        parts = sio.load(file, trusted=TRUSTED)
+    except UntrustedTypesFoundException:
+        untrusted = [t for t in sio.get_untrusted_types(file=file) if t not in TRUSTED]
+        raise ElmoError(f"{file}: holds types a saved torch-elmo classifier never has "
+                        f"({', '.join(untrusted)}); not loaded (loading them could run code)"
+                        ) from None
+    return TextClassifier(path, meta, device, embedder, sklearn_parts=parts)

@@ -1,5 +1,6 @@
-"""CoNLL-2003 NER (`elmo ner`): the CoNLL reader/writer (IOB1 -> BIO), seqeval scoring, and a
-BiLSTM-CRF tagger over frozen ELMo layers.
+"""CoNLL-2003 NER (`elmo ner`): the CoNLL reader/writer (IOB1 -> BIO), seqeval scoring, a
+BiLSTM-CRF tagger over frozen ELMo layers, and that tagger saved (`elmo ner --save DIR`,
+save_tagger) and reloaded as the `Tagger` predictor (torch_elmo.load_task) that tags new text.
 
     [ word embedding (train vocab) ; casing embedding ; gamma * sum_j softmax(w)_j * ELMo layer j ]
     -> dropout -> BiLSTM -> linear -> CRF (pytorch-crf)
@@ -11,6 +12,10 @@ a training singleton becomes <unk> half of the time (so <unk> is learned); casin
 dims. Dropout 0.5 on the input and the BiLSTM output, 100 units per direction, Adam 5e-3, batches
 of 32 sentences, gradient norm clipped at 5. Early stopping on dev entity F1 (patience); the best
 epoch's weights are scored on test with seqeval (entity level, default conlleval-like mode, BIO).
+
+`Tagger.predict` runs the same network on new text: words and casing from the saved vocabulary,
+the ELMo layers rounded to float16 as in training (predictor.py), Viterbi decoding in
+length-sorted batches, entities read from the BIO tags as seqeval reads them.
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ import re
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -29,8 +34,10 @@ from ..config import ElmoError
 from ..embed import ElmoEmbedder, length_sorted_batches
 from ..outputs import atomic_text
 from ..modules import ScalarMix
+from . import saved
 from .common import (N_CASING, WordVocab, bad_line, casing, embed_layers, read_data_lines,
                      subsample)
+from .predictor import TaskPredictor, maybe_layers, nonempty
 
 
 # --------------------------------------------------------------------------------------- CoNLL
@@ -108,6 +115,35 @@ def read_conll(path, scheme: str = "iob1", keep_docstart: bool = False) -> list[
     return sentences
 
 
+def looks_like_conll(lines: Sequence[str]) -> bool:
+    """Do a file's first lines look like CoNLL (elmo predict's input guess)? A `-DOCSTART-`
+    first line, or first non-blank lines that all have the same number (>= 2) of columns and
+    end in an NER tag (O, B-X, I-X). A one-column CoNLL file is not told from text this way."""
+    rows = [l.split() for l in lines if l.strip()][:10]
+    if not rows:
+        return False
+    if rows[0][0] == "-DOCSTART-":
+        return True
+    return len(rows[0]) >= 2 and all(len(r) == len(rows[0]) and _TAG.match(r[-1]) for r in rows)
+
+
+def iter_conll_tokens(lines: Iterable[tuple[str, int]]) -> Iterator[tuple[list[str], int]]:
+    """CoNLL sentences streamed from (line, position) pairs (textio.iter_lines): (the first
+    column of each token line, the position after the sentence). Blank lines end a sentence;
+    -DOCSTART- lines are document separators and are dropped, as read_conll drops them."""
+    tokens: list[str] = []
+    at = 0
+    for line, at in lines:
+        parts = line.split()
+        if parts and parts[0] != "-DOCSTART-":
+            tokens.append(parts[0])
+        elif tokens:
+            yield tokens, at
+            tokens = []
+    if tokens:
+        yield tokens, at
+
+
 def write_conll(sentences: Iterable[ConllSentence], path, extra: Optional[list] = None,
                 bio: bool = False) -> None:
     """Write sentences back in the same layout (columns joined by one space, a blank line after
@@ -177,9 +213,10 @@ class NerResult:
     embed_seconds: float
     history: list
     test_predictions: list
+    trained: Optional[dict] = None   # model (best epoch), vocab, tagset, head: for save_tagger
 
 
-class Tagger(nn.Module):
+class BiLSTMCRF(nn.Module):
     """[word emb ; casing emb ; ScalarMix of the ELMo layers] -> dropout -> BiLSTM -> dropout ->
     linear -> CRF. `elmo_dim=0`: no ELMo part."""
 
@@ -253,7 +290,8 @@ def cache_elmo_layers(embedder: ElmoEmbedder, splits: dict[str, list[ConllSenten
     return elmo, seconds
 
 
-def train_epoch(model: Tagger, opt, data, elmo, singletons, rng, batch_size: int, device) -> float:
+def train_epoch(model: BiLSTMCRF, opt, data, elmo, singletons, rng, batch_size: int,
+                device) -> float:
     """One pass over the training sentences in a random order; the mean loss per sentence."""
     words, cases, tags = data
     model.train()
@@ -272,7 +310,7 @@ def train_epoch(model: Tagger, opt, data, elmo, singletons, rng, batch_size: int
 
 
 @torch.no_grad()
-def predict_tags(model: Tagger, data, elmo, tagset: list[str], device,
+def predict_tags(model: BiLSTMCRF, data, elmo, tagset: list[str], device,
                  batch_size: int = 128) -> list[list[str]]:
     """Viterbi tags per sentence, batched in length order, returned in input order."""
     words, cases, tags = data
@@ -303,8 +341,9 @@ def train_tagger(train: list[ConllSentence], dev: list[ConllSentence], test: lis
     if embedder is not None:
         elmo, embed_seconds = cache_elmo_layers(embedder, splits, embed_batch_size, log)
     elmo_dim = 0 if embedder is None else embedder.output_dim
-    model = Tagger(len(vocab), len(tagset), elmo_dim, hidden=hidden, word_dim=word_dim,
-                   dropout=dropout).to(device)
+    head = dict(n_words=len(vocab), n_tags=len(tagset), elmo_dim=elmo_dim, n_elmo_layers=3,
+                word_dim=word_dim, case_dim=8, hidden=hidden, dropout=dropout)
+    model = BiLSTMCRF(**head).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
 
     best, best_f1, best_epoch, bad = None, -1.0, 0, 0
@@ -334,7 +373,7 @@ def train_tagger(train: list[ConllSentence], dev: list[ConllSentence], test: lis
     test_pred = predict_tags(model, data["test"], elmo["test"], tagset, device)
     scores = ner_scores([s.tags for s in test], test_pred)
     return NerResult(best_f1, scores, best_epoch, epoch, epoch_seconds, embed_seconds, history,
-                     test_pred)
+                     test_pred, dict(model=model, vocab=vocab, tagset=tagset, head=head))
 
 
 # ------------------------------------------------------------------------------------ `elmo ner`
@@ -366,3 +405,79 @@ def ner_summary(res: NerResult, with_elmo: bool) -> str:
         f"test entity F1 {t['f1']:.4f}  precision {t['precision']:.4f}  recall {t['recall']:.4f}"
         f"  (seqeval, BIO)",
         t["report"].rstrip()])
+
+
+# --------------------------------------------------------------------------- saved: the Tagger
+def save_tagger(res: NerResult, path, embedder: Optional[ElmoEmbedder] = None,
+                options: Optional[dict] = None) -> str:
+    """The trained tagger of `res` (train_tagger's best epoch) as a saved task model directory
+    (saved.py), with the biLM of `embedder` (None: a --no-elmo tagger). `options`: the training
+    command's options, kept in task.json."""
+    model, vocab, tagset, head = (res.trained[k] for k in ("model", "vocab", "tagset", "head"))
+    if (embedder is None) != (model.mix is None):
+        raise ElmoError("save_tagger: give the embedder the tagger was trained with (and none "
+                        "for a tagger without ELMo)")
+    meta = {"kind": "ner", "model": "bilstm-crf",
+            "features": "words" if embedder is None else "elmo",
+            "labels": tagset, "tag_scheme": "BIO",
+            "elmo": saved.scalar_mix_meta(model.mix) if embedder is not None else None,
+            "words": saved.words_meta(), "head": head,
+            "training": {"command": "elmo ner", "options": options or {},
+                         "best_epoch": res.best_epoch, "epochs_run": res.epochs_run,
+                         "dev_f1": res.dev_f1, "test_f1": res.test["f1"]}}
+    return saved.save_task(path, meta, saved.head_writer(model, vocab.words), embedder)
+
+
+class Tagger(TaskPredictor):
+    """A saved NER tagger (`elmo ner --save DIR`; `torch_elmo.load_task(DIR)` returns it): BIO
+    tags and entities for new text. `labels`: the tag set (BIO)."""
+
+    kind = "ner"
+
+    def __init__(self, path, meta: dict, model: BiLSTMCRF, vocab: WordVocab, device,
+                 embedder: Optional[ElmoEmbedder] = None):
+        super().__init__(path, meta, meta["labels"], device, embedder)
+        self.model = model
+        self.vocab = vocab
+
+    def predict(self, texts, batch_size: int = 32, show_progress_bar: bool = False):
+        """Per text `{"tokens": [...], "tags": [BIO tags], "entities": [{"text", "label",
+        "start", "end", "start_char", "end_char"}]}`, in input order. A text is a string (split
+        on whitespace; character offsets into that string) or a list of tokens (character
+        offsets into `" ".join(tokens)`); one string gives one dict. Token offsets `start`/`end`
+        and character offsets are end-exclusive; an entity is a B- tag and the I- tags of its
+        type that follow (an I- tag after another type starts one, as seqeval reads BIO). An
+        empty text gives empty tokens, tags and entities. Batched in length order (`batch_size`
+        texts), deterministic; a text longer than 1,000 tokens gets its ELMo layers in
+        overlapping windows, as `elmo embed`."""
+        from seqeval.metrics.sequence_labeling import get_entities
+        t, chunks = self.check_texts(texts, batch_size, show_progress_bar, "predict")
+        tags: list = [[] for _ in t.tokens]
+        for idx in chunks:
+            idx = nonempty(t.tokens, idx)
+            if not idx:
+                continue
+            tokens = [t.tokens[i] for i in idx]
+            words = [self.vocab.ids(s) for s in tokens]
+            data = (words, [[casing(w) for w in s] for s in tokens], [[0] * len(s) for s in words])
+            elmo = maybe_layers(self.embedder, tokens, batch_size, np.float16)
+            for i, p in zip(idx, predict_tags(self.model, data, elmo, self.labels, self.device,
+                                              batch_size)):
+                tags[i] = p
+        out = []
+        for tokens, spans, source, tg in zip(t.tokens, t.spans, t.sources, tags):
+            ents = []
+            for label, start, last in get_entities(tg):
+                a, b = spans[start][0], spans[last][1]
+                ents.append({"text": source[a:b], "label": label, "start": start,
+                             "end": last + 1, "start_char": a, "end_char": b})
+            out.append({"tokens": tokens, "tags": tg, "entities": ents})
+        return out[0] if t.single else out
+
+
+def load_tagger(path, meta: dict, device) -> Tagger:
+    """The Tagger of a saved model directory whose task.json (`meta`) read_task checked."""
+    model = BiLSTMCRF(**meta["head"])
+    saved.load_head(model, saved.part(path, meta, saved.HEAD_FILE), device)
+    vocab = WordVocab.from_words(saved.read_json(saved.part(path, meta, saved.WORDS_FILE)))
+    return Tagger(path, meta, model, vocab, device, saved.load_embedder(path, meta, device))
