@@ -6,9 +6,10 @@ For each preset, with the fast recipe (AdamW, dense softmax gradient, 4,096 nega
 weights and synthetic text (speed.py's Corpus, V = 100,000), at a batch that keeps a step to
 seconds (small 64 x 20, original 16 x 10; the check is timed at the same shapes):
 
-  check     precision.measure: the matmuls of one step, fp32 vs bf16 (what `elmo train` times
-            once per machine and shapes; run afresh here, not from the cache), and the decision
-            precision.choose would take from it
+  check     precision.measure: the token encoder's forward + backward (the part of a step that
+            bf16 autocast changes), fp32 vs bf16 (what `elmo train` times once per machine and
+            shapes; run afresh here, not from the cache), and the decision precision.choose
+            would take from it
   training  whole training steps (forward, backward, clip, AdamW) in fp32 and under bf16
             autocast, alternating, best of --rounds each
 
@@ -42,8 +43,8 @@ V = 100_000
 def bench(name: str, corpus: Corpus, rounds: int) -> dict:
     B, T = SHAPES.get(name, (32, 10))
     o = with_recipe(preset(name), "fast").replace(batch_size=B, unroll_steps=T)
-    S, P, H = o.n_negative_samples_batch, o.lstm.projection_dim, o.lstm.dim
-    check = precision.measure(P, H, B, T, S)
+    S = o.n_negative_samples_batch
+    check = precision.measure(o)
     chooses_bf16 = check["speedup"] >= precision.MARGIN
     torch.manual_seed(0)
     lm = LanguageModel(o, V, sparse_softmax=False).train()

@@ -3,19 +3,21 @@
 bf16 pays only where the hardware makes it faster, and "native bf16" is not enough (a CPU with
 AVX512-BF16 but no AMX can run bf16 matmuls slower than fp32; benchmarks/README.md). So where bf16
 would be chosen automatically (the fast recipe, RECIPES[...]["bf16"]), a CPU with native bf16 first
-times the matmuls of one training step at the run's own shapes in both precisions (`bf16_speedup`:
-well under a second, once per machine and shape class, cached by machine.Measurements), and bf16 is
-used only where it measured at least MARGIN (5%) faster. An explicit `--bf16` is always obeyed,
-with a one-line warning where it is emulated or measured slower. CUDA: bf16 where the GPU has it
-natively (no timing). `TORCH_ELMO_AUTOTUNE=0`: nothing is measured and automatic bf16 stays off on
-CPU (fp32).
+times the part of a training step that bf16 changes (the token encoder), at the run's own shapes,
+in both precisions (`bf16_speedup`: well under a second, once per machine and shape class, cached
+by machine.Measurements), and bf16 is used only where it measured at least MARGIN (5%) faster. An
+explicit `--bf16` is always obeyed, with a one-line warning where it is emulated or measured
+slower. CUDA: bf16 where the GPU has it natively (no timing). `TORCH_ELMO_AUTOTUNE=0`: nothing is
+measured and automatic bf16 stays off on CPU (fp32).
 
-The timed matmuls, per direction and layer of a training step (B x T = batch x unroll rows;
-S = sampled negatives; rows above 512 are timed on 512 and scaled): the input-to-gate matmul
-(BT, P) x (P, 4H), T recurrent steps (B, P) x (P, 4H) and T projections (B, H) x (H, P); per
-direction the sampled softmax (BT, P) x (P, S). fp32 runs them as fp32 training does
-(kernels.Linear: oneDNN, prepacked for the steps); bf16 as autocast training does (F.linear
-under bf16 autocast).
+What bf16 autocast changes in a training step is the token encoder: the char CNN, highway and
+projection run through F.linear / conv under autocast, while the LSTM (kernels.LSTMPFunction gets
+fp32 inputs and calls oneDNN in fp32) and the sampled softmax (SampledSoftmaxCE computes in fp32)
+stay fp32 either way. So the check times exactly that part: CharCNN.encode of the run's options,
+forward and backward, on min(B x T, 32) distinct made-up tokens, fp32 against bf16 autocast,
+best of alternating rounds (<= ~0.6 s); the speedup is that part's fp32 / bf16 time. A whole step
+gains less (its fp32 parts cost the same), and at few rows autocast's per-call cast of each fp32
+weight to bf16 weighs more than in a real step, so the check errs towards fp32.
 """
 from __future__ import annotations
 
@@ -23,14 +25,12 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from .device import bf16_native
-from .kernels import Linear
 from .machine import Measurements, alternate, autotune_enabled
 
 MARGIN = 1.05
-MAX_ROWS = 512
+MAX_ROWS = 32
 WHAT = "precision"
 
 
@@ -44,49 +44,45 @@ class Precision:
     speedup: Optional[float] = None
 
 
-def step_matmuls(P: int, H: int, B: int, T: int, S: int) -> list[tuple[int, int, int, int]]:
-    """(rows, in, out, times per step) of the matmuls of one training step, per direction."""
-    return [(B * T, P, 4 * H, 1), (B, P, 4 * H, T), (B, H, P, T), (B * T, P, S, 1)]
+def shape_class(options, rows: int) -> str:
+    cnn = options.char_cnn
+    return (f"encoder{cnn.embedding.dim}-{cnn.n_filters}x{len(cnn.filters)}-hw{cnn.n_highway}-"
+            f"p{options.lstm.projection_dim}-r{rows}")
 
 
-def shape_class(P: int, H: int, B: int, T: int, S: int) -> str:
-    return f"train{P}-{H}-{B}x{T}-{S}"
-
-
-def measure(P: int, H: int, B: int, T: int, S: int, budget_s: float = 0.6) -> dict:
-    """Seconds of one step's matmuls (`step_matmuls`, scaled to the real rows and counts) in fp32
-    and bf16, best of alternating rounds; {"speedup": fp32 s / bf16 s, "fp32_ms", "bf16_ms"}."""
+def measure(options, budget_s: float = 0.6) -> dict:
+    """Seconds of the token encoder's forward + backward (module docstring) in fp32 and under
+    bf16 autocast; {"speedup": fp32 s / bf16 s, "fp32_ms", "bf16_ms", "rows"}."""
+    from .chars import batch_to_ids
+    from .model import CharCNN
+    rows = min(options.batch_size * options.unroll_steps, MAX_ROWS)
     g = torch.Generator().manual_seed(0)
-    fns32, fns16, scale = {}, {}, {}
-    for k, (rows, n_in, n_out, times) in enumerate(step_matmuls(P, H, B, T, S)):
-        r = min(rows, MAX_ROWS)
-        x, w = torch.randn(r, n_in, generator=g), torch.randn(n_out, n_in, generator=g)
-        lin = Linear(w, pack=times > 1, batch_hint=r)
-        fns32[k] = lambda lin=lin, x=x: lin(x)
+    letters = "etaoinshrdlcumwfgypbvkjxqz"
+    words = ["".join(letters[c] for c in torch.randint(0, 26, (int(n),), generator=g).tolist())
+             + str(k) for k, n in enumerate(torch.randint(2, 12, (rows,), generator=g))]
+    ids = batch_to_ids([words], options.char_cnn.max_characters_per_token)[0]   # (rows, C)
+    torch.manual_seed(0)
+    cnn = CharCNN(options)
 
-        def bf16(x=x, w=w):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                return F.linear(x, w)
-        fns16[k] = bf16
-        scale[k] = times * rows / r
-    with torch.no_grad():
-        t = alternate({**{f"fp32 {k}": f for k, f in fns32.items()},
-                       **{f"bf16 {k}": f for k, f in fns16.items()}}, rounds=3, budget_s=budget_s)
-    fp32 = sum(t[f"fp32 {k}"] * s for k, s in scale.items())
-    bf16 = sum(t[f"bf16 {k}"] * s for k, s in scale.items())
-    return {"speedup": round(fp32 / bf16, 3), "fp32_ms": round(1e3 * fp32, 2),
-            "bf16_ms": round(1e3 * bf16, 2)}
+    def step(bf16: bool):
+        def run():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                y = cnn.encode(ids)
+            y.sum().backward()
+        return run
+    t = alternate({"fp32": step(False), "bf16": step(True)}, rounds=3, budget_s=budget_s)
+    return {"speedup": round(t["fp32"] / t["bf16"], 3), "fp32_ms": round(1e3 * t["fp32"], 2),
+            "bf16_ms": round(1e3 * t["bf16"], 2), "rows": rows}
 
 
-def bf16_speedup(P: int, H: int, B: int, T: int, S: int,
-                 measurements: Optional[Measurements] = None) -> dict:
+def bf16_speedup(options, measurements: Optional[Measurements] = None) -> dict:
     """`measure`, once per machine and shape class (then read from the cache)."""
     store = measurements or Measurements()
-    key = shape_class(P, H, B, T, S)
+    key = shape_class(options, min(options.batch_size * options.unroll_steps, MAX_ROWS))
     hit = store.load(WHAT, key)
     if hit is not None and isinstance(hit.get("speedup"), (int, float)) and hit["speedup"] > 0:
         return hit
-    result = measure(P, H, B, T, S)
+    result = measure(options)
     store.store(WHAT, key, result)
     return result
 
@@ -114,10 +110,7 @@ def choose(device: torch.device, options, requested: bool, auto: bool) -> Precis
     if not autotune_enabled():
         return Precision(requested, "bf16 (asked; not measured: TORCH_ELMO_AUTOTUNE=0)"
                          if requested else "fp32 (bf16 not measured: TORCH_ELMO_AUTOTUNE=0)")
-    lstm = options.lstm
-    m = bf16_speedup(lstm.projection_dim, lstm.dim, options.batch_size, options.unroll_steps,
-                     options.n_negative_samples_batch)
-    x = m["speedup"]
+    x = bf16_speedup(options)["speedup"]
     if requested:
         warning = (f"--bf16: bf16 measured x{x:.2f} of fp32's speed on this CPU (slower); "
                    f"training in bf16 as asked" if x < 1.0 else None)
