@@ -61,6 +61,18 @@ def test_a_corrupt_cache_file_is_measured_again(tuning):
         assert json.loads(path.read_text())["result"]["choices"] == again["choices"]
 
 
+def test_stored_choices_outside_the_candidates_are_measured_again(tuning):
+    from torch_elmo.machine import Measurements
+    shape = kernels.shape_class(_cell())
+    good = asdict(kernels.DEFAULT)
+    for bad in [{**good, "block_mb": 3}, {**good, "block_mb": True}, {**good, "extra": 1},
+                {k: v for k, v in good.items() if k != "two_threads"}, ["x"]]:
+        Measurements().store(autotune.WHAT, shape, {"choices": bad, "timings_ms": {}})
+        autotune.forget()
+        r = autotune.ensure(_cell())
+        assert r["source"].startswith("measured now") and autotune.usable(r["choices"]), bad
+
+
 def test_switched_off_keeps_the_defaults(tuning, monkeypatch):
     monkeypatch.setenv("TORCH_ELMO_AUTOTUNE", "0")
     monkeypatch.setattr(autotune, "measure", lambda *a, **k: pytest.fail("measured"))
