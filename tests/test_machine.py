@@ -34,6 +34,14 @@ def test_identity_names_the_cpu_and_threads():
     assert (one == machine.machine_hash()) == (n == 1)   # another thread count, another key
 
 
+def test_identity_follows_the_openmp_wait_policy(monkeypatch):
+    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
+    passive = machine.machine_hash()
+    assert machine.identity()["omp_wait_policy"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert machine.machine_hash() != passive
+
+
 def test_store_load_and_unusable_files_ignored(tmp_path):
     m = machine.Measurements(tmp_path)
     assert m.load("kernels", "s") is None

@@ -4,7 +4,8 @@
   torch_elmo on Linux). The pretrained downloads (hub.py) and the measurements live under it.
 * `identity()`: what a measurement depends on: the CPU model and a hash of its feature flags
   (under a hypervisor the model name can be a generic "Intel Xeon Processor", the flags tell
-  the CPUs apart), the core count, the torch threads and the torch version.
+  the CPUs apart), the core count, the torch threads, OMP_WAIT_POLICY (whether idle OpenMP
+  threads spin or sleep decides which kernels win) and the torch version.
 * `Measurements`: one small JSON file per (machine, what, shape class) under
   `cache_root()/measured/<machine hash>/`. Written atomically (outputs.atomic_text: a per-process
   temporary renamed over the target, so two processes writing at once leave one whole file); a
@@ -63,14 +64,15 @@ _IDENTITY: Optional[dict] = None
 
 def identity() -> dict:
     """What a measurement on this machine depends on (computed once per process; the torch
-    thread count is read each time: it can change)."""
+    thread count and the OpenMP wait policy are read each time: they can change)."""
     global _IDENTITY
     if _IDENTITY is None:
         cpu = cpu_info()
         _IDENTITY = {"cpu": cpu["model"],
                      "cpu_flags": hashlib.sha1(" ".join(cpu["flags"]).encode()).hexdigest()[:12],
                      "cores": os.cpu_count(), "torch": torch.__version__}
-    return {**_IDENTITY, "threads": torch.get_num_threads()}
+    return {**_IDENTITY, "threads": torch.get_num_threads(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "").upper()}
 
 
 def machine_hash() -> str:
