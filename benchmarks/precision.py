@@ -1,4 +1,4 @@
-"""Is automatic bf16 never slower than fp32?  precision.py's timed check against real training steps.
+"""Is automatic bf16 ever slower than fp32?  precision.py's timed check against real training steps.
 
     .venv/bin/python benchmarks/precision.py [--presets small original] [--rounds 5] [--threads 2]
 
@@ -86,7 +86,8 @@ def bench(name: str, corpus: Corpus, rounds: int) -> dict:
     print(f"  {name:9s} B x T = {B} x {T}: check bf16 x{check['speedup']:.2f} of fp32 "
           f"({check['fp32_ms']:.0f} vs {check['bf16_ms']:.0f} ms) -> "
           f"{'bf16' if chooses_bf16 else 'fp32'}; real steps: fp32 {B * T / best[False]:,.0f} "
-          f"tok/s, bf16 {B * T / best[True]:,.0f} tok/s, bf16 x{real:.2f} (medians: x{median:.2f}); "
+          f"tok/s, bf16 {B * T / best[True]:,.0f} tok/s, bf16 x{real:.2f} "
+          f"(medians: x{median:.2f}); "
           f"decision {'right' if right else 'WRONG'}; seconds fp32 "
           f"{[round(t, 2) for t in times[False]]}, bf16 {[round(t, 2) for t in times[True]]}",
           flush=True)

@@ -143,9 +143,9 @@ def compare(preset_name: str, args, sentences_file: str, env: dict) -> dict:
             order = (ours, theirs) if r % 2 == 0 else (theirs, ours)
             res = {s.name: s.ask("run") for s in order}
             rows.append({k: v["words"] / v["seconds"] for k, v in res.items()})
-            print(f"  {preset_name} round {r + 1}: ours {rows[-1]['ours']:,.0f} words/s, allennlp "
-                  f"{rows[-1]['allennlp']:,.0f} words/s, x{rows[-1]['ours'] / rows[-1]['allennlp']:.2f}",
-                  flush=True)
+            ours_w, theirs_w = rows[-1]["ours"], rows[-1]["allennlp"]
+            print(f"  {preset_name} round {r + 1}: ours {ours_w:,.0f} words/s, allennlp "
+                  f"{theirs_w:,.0f} words/s, x{ours_w / theirs_w:.2f}", flush=True)
     finally:
         ours.close()
         theirs.close()

@@ -1,4 +1,4 @@
-"""`elmo info` (torch_elmo/cli/info.py): versions, CPU, peaks, chosen precision and kernels, cache."""
+"""`elmo info` (cli/info.py): versions, CPU, peaks, chosen precision and kernels, cache."""
 import json
 
 import torch

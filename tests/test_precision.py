@@ -35,7 +35,7 @@ def test_auto_bf16_only_where_measured_faster(timed, tmp_path):
     # cached per machine and shapes: the second decision reads the file, a new shape measures
     speedups[0] = 2.0
     assert not precision.choose(CPU, _opts(), False, True).bf16 and len(calls) == 1
-    p = precision.choose(CPU, _opts().replace(batch_size=1), False, True)   # 1 x 20 rows: another shape
+    p = precision.choose(CPU, _opts().replace(batch_size=1), False, True)   # 20 rows: new shape
     assert (p.bf16, p.reason) == (True, "bf16: measured x2.00 of fp32 here") and len(calls) == 2
     speedups[0] = 1.02                             # within the margin: not worth bf16's rounding
     assert not precision.choose(CPU, _opts().replace(batch_size=1, unroll_steps=10), False,

@@ -123,7 +123,7 @@ def alternate(fns: dict[str, Callable[[], object]], rounds: int = 3,
     for f in fns.values():
         f()
     best = {k: float("inf") for k in fns}
-    for r in range(rounds):
+    for _ in range(rounds):
         for k, f in fns.items():
             t = time.perf_counter()
             f()
@@ -137,6 +137,7 @@ def matmul_peaks(dtype: torch.dtype, sizes: tuple = (2048, 4096), reps: int = 5)
     """GFLOP/s of large square matmuls in `dtype`, best of `reps`: torch.mm (MKL for fp32) and,
     where kernels.py uses it, oneDNN's inner product with a prepacked weight."""
     from .kernels import ONEDNN, onednn_ok
+    lp = torch.ops.mkldnn._linear_pointwise
     out = {}
     for n in sizes:
         a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
@@ -144,7 +145,6 @@ def matmul_peaks(dtype: torch.dtype, sizes: tuple = (2048, 4096), reps: int = 5)
         fns = {f"torch.mm {n}": lambda a=a, b=b: torch.mm(a, b)}
         if ONEDNN and onednn_ok(b):
             w = torch.ops.mkldnn._reorder_linear_weight(b, n)
-            lp = torch.ops.mkldnn._linear_pointwise
             fns[f"oneDNN {n}"] = lambda a=a, w=w: lp(a, w, None, "none", [], "")
         for k, s in alternate(fns, rounds=reps, budget_s=float("inf")).items():
             out[k] = flops / s / 1e9
