@@ -5,7 +5,8 @@
 * `identity()`: what a measurement depends on: the CPU model and a hash of its feature flags
   (under a hypervisor the model name can be a generic "Intel Xeon Processor", the flags tell
   the CPUs apart), the core count, the torch threads, OMP_WAIT_POLICY (whether idle OpenMP
-  threads spin or sleep decides which kernels win) and the torch version.
+  threads spin or sleep decides which kernels win), the torch version and whether oneDNN's fast
+  path is on (TORCH_ELMO_NO_ONEDNN).
 * `Measurements`: one small JSON file per (machine, what, shape class) under
   `cache_root()/measured/<machine hash>/`. Written atomically (outputs.atomic_text: a per-process
   temporary renamed over the target, so two processes writing at once leave one whole file); a
@@ -67,10 +68,11 @@ def identity() -> dict:
     thread count and the OpenMP wait policy are read each time: they can change)."""
     global _IDENTITY
     if _IDENTITY is None:
+        from .kernels import ONEDNN
         cpu = cpu_info()
         _IDENTITY = {"cpu": cpu["model"],
                      "cpu_flags": hashlib.sha1(" ".join(cpu["flags"]).encode()).hexdigest()[:12],
-                     "cores": os.cpu_count(), "torch": torch.__version__}
+                     "cores": os.cpu_count(), "torch": torch.__version__, "onednn": ONEDNN}
     return {**_IDENTITY, "threads": torch.get_num_threads(),
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "").upper()}
 
