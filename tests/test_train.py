@@ -468,23 +468,38 @@ def test_fast_recipe_trains_resumes_and_keeps_its_recipe(capsys, corpus):
     assert rc == 2 and "recipe" in _error_line(err)
 
 
-@pytest.mark.parametrize("native", [False, True])
-def test_fast_recipe_uses_bf16_only_where_native(capsys, corpus, monkeypatch, native):
-    # an AVX2-only CPU emulates bf16 (~57x slower matmuls): the recipe then trains in fp32
-    import torch_elmo.train as train_mod
-    monkeypatch.setattr(train_mod, "bf16_native", lambda device: native)
+@pytest.mark.parametrize("speedup", [None, 0.6, 1.5])
+def test_fast_recipe_uses_bf16_only_where_measured_faster(capsys, corpus, monkeypatch, tmp_path,
+                                                          speedup):
+    """precision.choose decides, the loop reads it; the header says what and why. None: an
+    AVX2-only CPU (bf16 emulated, ~57x slower matmuls, nothing measured)."""
+    from torch_elmo import precision
+    monkeypatch.setenv("TORCH_ELMO_AUTOTUNE", "1")
+    monkeypatch.setenv("TORCH_ELMO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(precision, "bf16_native", lambda device: speedup is not None)
+    monkeypatch.setattr(precision, "measure", lambda *a, **k: {"speedup": speedup})
     tmp, data_file, vocab, opts = corpus
-    rc, out, err = _run_cli(capsys, _cli_train(data_file, vocab, str(tmp / "r"), opts,
+    rc, out, err = _run_cli(capsys, _cli_train(data_file, vocab, str(tmp / f"r{speedup}"), opts,
                                                "--recipe", "fast", "--max-tokens", "100"))
     assert rc == 0, err
     header = out.splitlines()[0]
-    assert header.endswith("; bf16 autocast" if native else "; fp32 (bf16 is not native here)")
-    # an explicit --bf16 is obeyed, with a warning where bf16 is emulated
-    rc, out, err = _run_cli(capsys, _cli_train(data_file, vocab, str(tmp / "b"), opts,
+    assert header.endswith({None: "; fp32: this CPU has no native bf16",
+                            0.6: "; fp32: bf16 measured x0.60 here",
+                            1.5: "; bf16: measured x1.50 of fp32 here"}[speedup])
+    # an explicit --bf16 is obeyed, with a one-line warning where bf16 is emulated or slower
+    rc, out, err = _run_cli(capsys, _cli_train(data_file, vocab, str(tmp / f"b{speedup}"), opts,
                                                "--bf16", "--max-tokens", "100"))
     assert rc == 0, err
-    assert out.splitlines()[0].endswith("; bf16 autocast")
-    assert ("no native bf16" in err) == (not native)
+    assert "; bf16 (asked" in out.splitlines()[0]
+    warned = [ln for ln in err.splitlines() if ln.startswith("warning: ")]
+    assert len(warned) == (0 if speedup == 1.5 else 1)
+    assert ("no native bf16" in err) == (speedup is None)
+    assert ("measured x0.60" in err) == (speedup == 0.6)
+    # the bilm-tf recipe stays fp32, nothing measured
+    monkeypatch.setattr(precision, "measure", lambda *a, **k: pytest.fail("measured"))
+    rc, out, err = _run_cli(capsys, _cli_train(data_file, vocab, str(tmp / f"c{speedup}"), opts,
+                                               "--max-tokens", "100"))
+    assert rc == 0 and out.splitlines()[0].endswith("; fp32")
 
 
 def test_cli_export_writes_safetensors_too(tiny_runs, tmp_path, capsys):

@@ -11,8 +11,8 @@
 * `hf://owner/name[@revision][/subfolder]`: options.json + weights.hdf5 (or weights.safetensors)
   from a Hub repository, through huggingface_hub and its cache (`resolve_hf`);
 * a name from `PRETRAINED` (`small`, `medium`, `original`, `original-5.5B`): the files published
-  by AllenNLP, downloaded once into `cache_dir()/<name>/` (`$TORCH_ELMO_CACHE`, default
-  `~/.cache/torch_elmo`).
+  by AllenNLP, downloaded once into `cache_dir()/<name>/` (`$TORCH_ELMO_CACHE`, default the user
+  cache directory, ~/.cache/torch_elmo on Linux).
 
 Downloads stream into a temp file in the target folder, show progress (progress.py), and are
 renamed into place only after every check passed, so an interrupted or corrupt download never
@@ -42,6 +42,7 @@ from typing import Optional
 
 from .config import ElmoError
 from .errors import quote
+from .machine import cache_root
 
 BASE_URL = "https://allennlp.s3.amazonaws.com/models/elmo"
 
@@ -62,7 +63,9 @@ CHUNK = 1 << 20
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("TORCH_ELMO_CACHE") or Path.home() / ".cache" / "torch_elmo")
+    """The one cache root of torch-elmo (machine.cache_root: $TORCH_ELMO_CACHE, else the user
+    cache directory); the pretrained models go in its <name>/ folders."""
+    return cache_root()
 
 
 def pretrained_urls(name: str) -> dict[str, str]:

@@ -33,12 +33,12 @@ import torch
 from . import checkpoint as ck
 from .config import RECIPES, ElmoError, Options
 from .data import LMBatchStream
-from .device import bf16_native
 from .distributed import ConcatStreams, all_reduce_gradients, collective
 from .evaluate import perplexity
 from .lm import LanguageModel, LogUniformSampler
 from .metrics import METRICS, PLOT, append_jsonl, fmt_time, plot_perplexity, read_metrics
 from .outputs import atomic_text
+from .precision import Precision, choose
 from .progress import progress_bar
 from .textio import BadLines
 from .vocab import Vocabulary, count_words
@@ -499,32 +499,43 @@ def train(options: Options, vocab: Vocabulary, train_files: list[str], save_dir:
         return loop(run, counted, heldout_files=heldout_files, max_tokens=max_tokens,
                     max_time=max_time, log_every=log_every, eval_every=eval_every,
                     checkpoint_every=checkpoint_every, heldout_batch_size=heldout_batch_size,
-                    heldout_max_batches=heldout_max_batches, bf16=bf16, progress=progress)
+                    heldout_max_batches=heldout_max_batches,
+                    precision=run_precision(run, bf16), progress=progress)
     finally:
         if run.lock is not None:
             run.lock.close()
 
 
+def run_precision(run: Run, requested: bool) -> Precision:
+    """fp32 or bf16 for this run (precision.choose: --bf16 obeyed, the recipe's bf16 only where
+    it measured faster); under torchrun every rank takes rank 0's decision. The warning, if any,
+    is printed here, once."""
+    auto = RECIPES[run.options.recipe].get("bf16", False)
+    prec = choose(run.device, run.options, requested, auto)
+    if run.world_size > 1:
+        import torch.distributed as dist
+        flag = torch.tensor([float(prec.bf16)])
+        collective(run.rank, lambda: dist.broadcast(flag, 0))
+        if bool(flag.item()) != prec.bf16:
+            prec = Precision(bool(flag.item()), "rank 0's choice")
+    if prec.warning and run.is_main:
+        print(f"warning: {prec.warning}", file=sys.stderr)
+    return prec
+
+
 def loop(run: Run, counted: bool, *, heldout_files, max_tokens, max_time, log_every: int,
          eval_every: int, checkpoint_every: int, heldout_batch_size: int, heldout_max_batches,
-         bf16: bool, progress: Optional[bool]) -> dict:
-    """The training loop of `train`, from the run's current step to its stop."""
+         precision: Precision, progress: Optional[bool]) -> dict:
+    """The training loop of `train`, from the run's current step to its stop, in `precision`."""
     device, rank, world_size, save_dir, vocab = (run.device, run.rank, run.world_size,
                                                  run.save_dir, run.vocab)
     bar = None
     log = lambda msg: (bar.write if bar is not None else print)(msg)  # noqa: E731 (rank 0 only)
     lm, o, params, dist_on = run.lm, run.options, run.params, world_size > 1
-    # the fast recipe's bf16 only where bf16 is native (else emulated, far slower than fp32);
-    # an explicit --bf16 is obeyed, with a warning when it is emulated
-    native = bf16_native(device)
-    if bf16 and not native and run.is_main:
-        print(f"warning: --bf16 on {device}: this device has no native bf16 (no AVX512-BF16 or "
-              f"AMX on a CPU), so bf16 is emulated and slower than fp32", file=sys.stderr)
-    recipe_bf16 = RECIPES[o.recipe].get("bf16", False)
-    bf16 = bf16 or (recipe_bf16 and native)
     T, n_samples = o.unroll_steps, o.n_negative_samples_batch
     scheduled = RECIPES[o.recipe]["schedule"] != "constant"
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
+    autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision.bf16
+                else nullcontext)
     if heldout_files is not None and run.is_main:   # fail now, not after hours of training
         if heldout_stream(run, heldout_files, heldout_batch_size).next_batch() is None:
             raise ElmoError(f"--heldout: no complete batch of {heldout_batch_size} rows (fewer "
@@ -535,8 +546,7 @@ def loop(run: Run, counted: bool, *, heldout_files, max_tokens, max_time, log_ev
               f"softmax {len(vocab):,} x {o.lstm.projection_dim}; {run.n_train_tokens:,} "
               f"tokens/epoch, {run.per_epoch:,} updates/epoch x {run.epochs:g} epochs = {planned}; "
               f"batch {o.batch_size} x unroll {T} x {world_size} process(es); device {device}"
-              + ("; bf16 autocast" if bf16 else "; fp32")
-              + (" (bf16 is not native here)" if recipe_bf16 and not bf16 else "")
+              + f"; {precision.reason}"
               + (f"; resumed at step {run.step:,}" if run.resumed else ""), flush=True)
         # off a terminal, the step lines every log_every batches are the progress (no bar)
         bar = progress_bar(None if run.total_steps == sys.maxsize else run.total_steps,

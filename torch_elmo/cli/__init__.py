@@ -1,7 +1,7 @@
 """Command line: `elmo <command>` (also `python -m torch_elmo <command>`).
 
 One module per command group (lm: vocab / train / test / export; embed; tasks: classify / ner;
-predict; quickstart; serve), each with its parsers, its handlers and a `COMMANDS` table; this
+predict; quickstart; serve; info), each with its parsers, its handlers and a `COMMANDS` table; this
 package joins the tables and owns the error policy: a user error (ElmoError, a missing file, bad
 input) prints ONE line `elmo <command>: error: ...` and exits 2, never a trace; a warning is one
 line `elmo <command>: warning: ...` (common.py). Handlers validate flags, then call the stage modules
@@ -17,11 +17,11 @@ from typing import Optional
 from .. import progress
 from ..config import ElmoError
 from ..errors import one_line
-from . import embed, lm, predict, quickstart, serve, tasks
+from . import embed, info, lm, predict, quickstart, serve, tasks
 from .common import HelpFormatter
 
 COMMANDS = {**lm.COMMANDS, **embed.COMMANDS, **tasks.COMMANDS, **predict.COMMANDS,
-            **quickstart.COMMANDS, **serve.COMMANDS}
+            **quickstart.COMMANDS, **serve.COMMANDS, **info.COMMANDS}
 
 
 def build_parser() -> argparse.ArgumentParser:
