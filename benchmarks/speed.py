@@ -53,22 +53,12 @@ from reference import reference_char_cnn, reference_forward, reference_run_direc
 from torch_elmo import BiLM, batch_to_ids, preset  # noqa: E402
 from torch_elmo.chars import PAD_CHAR  # noqa: E402
 from torch_elmo.kernels import ONEDNN  # noqa: E402
+from torch_elmo.machine import matmul_peaks  # noqa: E402
 
 
 # ============================================================================ peak
 def matmul_peak(dtype: torch.dtype, reps: int = 5) -> dict:
-    out = {}
-    for n in (2048, 4096):
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        flops = 2 * n ** 3
-        best = min(_time(lambda: torch.mm(a, b)) for _ in range(reps))
-        out[f"torch.mm {n}"] = flops / best / 1e9
-        if ONEDNN:
-            w = torch.ops.mkldnn._reorder_linear_weight(b, n)
-            lp = torch.ops.mkldnn._linear_pointwise
-            best = min(_time(lambda: lp(a, w, None, "none", [], "")) for _ in range(reps))
-            out[f"oneDNN {n}"] = flops / best / 1e9
-    return out
+    return matmul_peaks(dtype, (2048, 4096), reps)
 
 
 class LocalPeak:

@@ -5,6 +5,10 @@ import subprocess
 # Spinning OpenMP threads made 2-thread torch up to 10x slower when the 2 cores were shared; must be
 # set before torch is imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# No kernel autotune or precision timing in tests (fixed defaults, nothing written to the user's
+# cache, no seconds of measuring in timed code); tests of the measuring itself turn it back on
+# with monkeypatch and a temporary TORCH_ELMO_CACHE. Inherited by the CLI subprocesses.
+os.environ.setdefault("TORCH_ELMO_AUTOTUNE", "0")
 
 from pathlib import Path  # noqa: E402
 

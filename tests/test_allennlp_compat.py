@@ -297,7 +297,7 @@ def test_sentence_keys(fixture_model_dir, tmp_path):
 # ------------------------------------------------------------------------------ elmo embed
 def _args(**kw):
     base = dict(model=None, input=None, output=None, layers="all", batch_size=4, state="zero",
-                dtype="float32", max_tokens=1000, device="cpu", no_progress=True)
+                dtype="float32", max_tokens=1000, device="cpu", progress=False)
     base.update(kw)
     return argparse.Namespace(**base)
 

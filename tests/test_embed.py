@@ -152,6 +152,15 @@ def test_length_sorted_batches_cover_every_index_shortest_first():
     assert list(length_sorted_batches([], 4)) == []
 
 
+def test_length_sorted_batches_with_a_token_budget():
+    lengths = [5, 1, 3, 1, 0, 7, 3, 20]
+    batches = list(length_sorted_batches(lengths, 100, max_tokens=8))
+    # rows x longest <= 8 (an empty row counts 1); the 20-token row alone, over the budget
+    assert batches == [[4, 1, 3], [2, 6], [0], [5], [7]]
+    assert list(length_sorted_batches(lengths, 2, max_tokens=100)) == \
+        list(length_sorted_batches(lengths, 2))                           # the count cap holds
+
+
 def test_token_windows_tile_and_overlap():
     assert token_windows(10, None) == [(0, 10, 0, 10)]
     assert token_windows(10, 10) == [(0, 10, 0, 10)]

@@ -1,5 +1,6 @@
 """`elmo embed`: the fixture through the CLI, the output format, ordering, windows, bad input."""
 import json
+import os
 
 import h5py
 import numpy as np
@@ -143,3 +144,58 @@ def test_sentence_keys_that_clash_as_hdf5_paths_are_one_line(fixture_model_dir, 
     assert rc == 2 and err.count("\n") == 1, err
     assert "line 2: cannot store under the key 'a/b'" in err
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["in.txt"]
+
+
+def test_progress_bar_only_on_a_terminal_or_with_progress(fixture_model_dir, tmp_path, capsys):
+    """capsys's stderr is no terminal: no bar redraws unless --progress forces them."""
+    d = fixture_model_dir
+    (tmp_path / "in.txt").write_text("the cat sat\na dog\n")
+    args = ["--model", d, "--input", tmp_path / "in.txt", "--state", "zero"]
+    rc, err = _run(capsys, *args, "--output", tmp_path / "a.hdf5")
+    assert rc == 0 and "\r" not in err and "line/s" not in err, err
+    rc, err = _run(capsys, *args, "--output", tmp_path / "b.hdf5", "--progress")
+    assert rc == 0 and "\r" in err and "2/2" in err, err
+    rc, err = _run(capsys, *args, "--output", tmp_path / "c.hdf5", "--no-progress")
+    assert rc == 0 and "\r" not in err, err
+
+
+def test_a_disk_too_small_for_the_output_is_one_line(fixture_model_dir, small_disk, tmp_path):
+    """HDF5 on a full disk crashed the process (a segfault after pages of tracebacks): the size
+    is checked first. A subprocess, so that a regression cannot take the test run down."""
+    import subprocess
+    import sys
+    from conftest import REPO
+    (tmp_path / "in.txt").write_text("the cat sat on the mat again and again\n" * 100)
+    p = subprocess.run([sys.executable, "-m", "torch_elmo", "embed", "--model",
+                        str(fixture_model_dir), "--input", str(tmp_path / "in.txt"), "--output",
+                        str(small_disk / "out.hdf5"), "--state", "zero"],
+                       capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert p.stderr.count("\n") == 1 and len(p.stderr) < 200, p.stderr
+    assert "out.hdf5: not enough disk space for the embeddings" in p.stderr
+    assert os.listdir(small_disk) == []
+
+
+def test_a_disk_that_fills_midway_is_one_line(fixture_model_dir, small_disk, tmp_path, capsys,
+                                              monkeypatch):
+    """Space taken by another writer after the check: the vectors' write fails cleanly."""
+    import torch_elmo.embed as embed_mod
+    layout = embed_mod.write_layout
+
+    def layout_then_fill_the_disk(*args, **kwargs):
+        layout(*args, **kwargs)
+        with open(small_disk / "filler", "wb") as f:
+            try:
+                while True:
+                    f.write(b"x" * 4096)
+                    f.flush()
+            except OSError:
+                pass
+    monkeypatch.setattr(embed_mod, "write_layout", layout_then_fill_the_disk)
+    (tmp_path / "in.txt").write_text("the cat sat on the mat again and again\n" * 12)
+    rc, err = _run(capsys, "--model", fixture_model_dir, "--input", tmp_path / "in.txt",
+                   "--output", small_disk / "out.hdf5", "--state", "zero")
+    assert rc == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"elmo embed: error: {small_disk / 'out.hdf5'}: cannot write (No space "
+                          f"left on device); nothing was written"), err
+    assert os.listdir(small_disk) == ["filler"]

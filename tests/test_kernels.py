@@ -161,6 +161,44 @@ def test_directions_on_two_threads_equal_one_thread(bf16, monkeypatch):
     assert got["layers"][1].dtype == torch.float32
 
 
+def test_every_kernel_choice_equals_reference(monkeypatch):
+    """Every combination of the fp32 candidates autotune.py may pick (kernels.CANDIDATES), and
+    block_mb=0 (one step per hoisted block: the block split path on a tiny model), against the
+    reference, with a carried state and rows of different lengths; and lstmp_layer runs the
+    choices that kernels.TUNED holds for the layer's shape class."""
+    import itertools
+    from dataclasses import fields
+    model = _model()
+    ids = batch_to_ids(_batch(seed=5), add_boundaries=True)
+    state = _random_state(model, ids.shape[0], 2)
+    with torch.no_grad():
+        want = reference_forward(model, ids, state)
+    names = [f.name for f in fields(kernels.Choices)]
+    assert sorted(kernels.CANDIDATES) == sorted(names)
+    assert all(kernels.CANDIDATES[k][0] == getattr(kernels.DEFAULT, k) for k in names)
+    values = [kernels.CANDIDATES[k] + ((0,) if k == "block_mb" else ()) for k in names]
+    seen = set()
+    real = kernels.infer_layer
+    monkeypatch.setattr(kernels, "infer_layer",
+                        lambda *a, **k: seen.add(a[-1] if len(a) > 7 else None) or real(*a, **k))
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for combo in itertools.product(*values):
+            ch = kernels.Choices(**dict(zip(names, combo)))
+            shape = kernels.shape_class(model.forward_layers[0])
+            monkeypatch.setitem(kernels.TUNED, shape, ch)
+            for cell in list(model.forward_layers) + list(model.backward_layers):
+                cell.fast_weights.clear()
+            with torch.no_grad():
+                got = model(ids, state)
+            _assert_dicts_close(got, want)
+            assert ch in seen, ch                 # the loop really ran with these choices
+    finally:
+        torch.set_num_threads(n)
+    assert len(seen) == 2 * 2 * 2 * 2 * 3
+
+
 @pytest.mark.parametrize("skip,cell_clip,proj_clip", [(True, 3.0, 3.0), (False, None, None),
                                                       (True, 3.0, None)])
 def test_training_gradients_equal_reference(skip, cell_clip, proj_clip):

@@ -1,7 +1,11 @@
 """README "Use it from ..." snippets, run as written (a tiny random model in place of the
 pretrained one, a CoNLL-2003 slice, one epoch). Keep each string identical to its README block:
 only the replacements listed beside it are applied, and each must still match."""
+import json
 import os
+import shlex
+import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -73,6 +77,58 @@ vectors = torch_elmo.load("model/").encode(["a first sentence", "another one"], 
 '''
 
 
+USE_SHELL = """\
+elmo ner --model model/ --train eng.train --dev eng.testa --test eng.testb --save ner-model/
+elmo classify --model model/ --train train.tsv --test test.tsv --classifier bilstm --save sst-model/
+elmo predict --model ner-model/ --input news.txt --output entities.jsonl
+elmo predict --model ner-model/ --input eng.testb --output tagged.conll --format conll
+elmo predict --model sst-model/ --input reviews.txt --output - --format tsv
+"""
+
+USE_PYTHON = '''\
+import torch_elmo
+
+tagger = torch_elmo.load_task("ner-model/")
+for doc in tagger.predict(["John Smith flew to Paris on Monday ."]):
+    print([(e["text"], e["label"], e["start_char"], e["end_char"]) for e in doc["entities"]])
+
+classifier = torch_elmo.load_task("sst-model/")
+print(classifier.predict(["a gripping , funny film"]), classifier.classes_)
+print(classifier.predict_proba(["a gripping , funny film", "dull"]))   # (2, n_labels) numpy
+'''
+
+SERVE = '''\
+elmo serve --model small --task ner=ner-model/ --port 8080
+'''
+
+SERVE_CURL = '''\
+curl -s http://127.0.0.1:8080/v1/embeddings -H 'Content-Type: application/json' \\
+     -d '{"input": ["Nothing suits me like a suit", "A second text"]}'
+curl -s http://127.0.0.1:8080/v1/tasks/ner/predict -H 'Content-Type: application/json' \\
+     -d '{"input": ["Alice met Bob in Paris"]}'
+'''
+
+SERVE_HTTPX = '''\
+import io
+
+import httpx
+import numpy as np
+
+r = httpx.post("http://127.0.0.1:8080/v1/embed", headers={"Accept": "application/x-npy"},
+               json={"input": ["Nothing suits me like a suit", "A b"], "layers": "all"})
+vectors = np.load(io.BytesIO(r.content))           # (2, 3, 6, 2P), zero-padded
+lengths = [int(n) for n in r.headers["X-Elmo-Lengths"].split(",")]    # [6, 2]
+'''
+
+SERVE_OPENAI = '''\
+from openai import OpenAI
+
+client = OpenAI(base_url="http://127.0.0.1:8080/v1", api_key="unused")   # or your --api-key
+out = client.embeddings.create(model="elmo", input=["Nothing suits me like a suit"])
+vector = out.data[0].embedding           # == torch_elmo.load("small").encode([...])[0]
+'''
+
+
 def _replaced(code: str, replacements: dict) -> str:
     for old, new in replacements.items():
         assert old in code, f"the snippet no longer contains {old!r}"
@@ -140,8 +196,9 @@ def test_safetensors_snippet(tiny_dir, tmp_path):
 
 def test_import_torch_elmo_imports_no_optional_package():
     code = textwrap.dedent("""
-        import sys, torch_elmo, torch_elmo.hub, torch_elmo.export
-        print(sorted(m for m in ("sklearn", "flair", "huggingface_hub", "safetensors")
+        import sys, torch_elmo, torch_elmo.hub, torch_elmo.export, torch_elmo.cli
+        print(sorted(m for m in ("sklearn", "flair", "huggingface_hub", "safetensors", "fastapi",
+                                 "starlette", "uvicorn", "prometheus_client", "openai")
                      if m in sys.modules))
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -156,3 +213,77 @@ def test_encode_snippet_matches_the_readme(tiny_dir, tmp_path):
     exec(compile(_replaced(ENCODE, {'"model/"': repr(str(tiny_dir))}), "<README>", "exec"), scope)
     assert scope["vectors"].shape == (2, 32)
 
+
+
+def test_use_your_trained_model_snippets(tiny_dir, tmp_path, capsys):
+    """README "Use your trained model": the shell block (tiny model, a CoNLL slice, 1 epoch), then
+    the Python block on the models it saved."""
+    import shlex
+
+    from conftest import REPO
+    from test_flair import conll_slice
+    readme = (REPO / "README.md").read_text()
+    assert USE_SHELL in readme and USE_PYTHON in readme
+    conll = shared_path("data", "conll2003")
+    for name, n in (("eng.train", 40), ("eng.testa", 10), ("eng.testb", 10)):
+        conll_slice(conll / name, tmp_path / name, n)
+    rows = [("a gripping , funny film", "pos"), ("dull and slow", "neg"), ("a fine cast", "pos"),
+            ("awful , just awful", "neg")] * 3
+    for name in ("train.tsv", "test.tsv"):
+        (tmp_path / name).write_text("".join(f"{t}\t{l}\n" for t, l in rows))
+    (tmp_path / "news.txt").write_text("John Smith flew to Paris on Monday .\n\nEU rejects it .\n")
+    (tmp_path / "reviews.txt").write_text("a gripping , funny film\ndull\n")
+    outputs = []
+    for line in _replaced(USE_SHELL, {"model/ --train": f"{tiny_dir} --train"}).splitlines():
+        argv = shlex.split(line)
+        if argv[1] in ("ner", "classify"):
+            argv += ["--epochs", "1"]
+        proc = subprocess.run([sys.executable, "-m", "torch_elmo", *argv[1:]], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, (line, proc.stderr[-2000:])
+        outputs.append(proc.stdout)
+    records = [json.loads(l) for l in (tmp_path / "entities.jsonl").read_text().splitlines()]
+    assert [r["tokens"] for r in records] == [
+        "John Smith flew to Paris on Monday .".split(), [], "EU rejects it .".split()]
+    tagged = (tmp_path / "tagged.conll").read_text().split("\n\n")
+    assert tagged[0].splitlines()[0].split()[0] == (tmp_path / "eng.testb").read_text().split()[0]
+    assert [l.split("\t")[0] for l in outputs[-1].splitlines()] == ["a gripping , funny film",
+                                                                    "dull"]
+    _run_here(USE_PYTHON, tmp_path)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("[")                        # the entities of the first text
+    assert printed[1].startswith("[") and "neg" in printed[1] and "pos" in printed[1]
+    assert len(printed) == 4                                 # label + classes, then 2 rows
+def test_serve_snippets_run_against_the_readme_command(tiny_dir, tmp_path):
+    for module in ("fastapi", "uvicorn", "httpx", "openai", "skops"):
+        pytest.importorskip(module)
+    import numpy as np
+
+    from conftest import REPO
+    from test_serve import Server, free_port, saved_tagger
+    from torch_elmo import load
+    readme = (REPO / "README.md").read_text()
+    for snippet in (SERVE, SERVE_CURL, SERVE_HTTPX, SERVE_OPENAI):
+        assert snippet in readme
+    saved_tagger(tiny_dir, tmp_path / "ner-model")
+    port = str(free_port())
+    argv = shlex.split(_replaced(SERVE, {"small": str(tiny_dir), "8080": port,
+                                         "ner=ner-model/": f"ner={tmp_path / 'ner-model'}/"}))
+    assert argv[:2] == ["elmo", "serve"]
+    server = Server(None, tmp_path / "server.log", port=int(port), argv=argv[1:])
+    try:
+        if shutil.which("curl"):
+            out = subprocess.run(["bash", "-c", _replaced(SERVE_CURL, {"8080": port})],
+                                 capture_output=True, text=True, timeout=60, check=True).stdout
+            first, end = json.JSONDecoder().raw_decode(out)
+            second = json.loads(out[end:])
+            assert len(first["data"]) == 2 and first["usage"]["prompt_tokens"] == 9
+            assert second["kind"] == "ner" and second["data"][0]["tokens"][0] == "Alice"
+        scope = {"__name__": "__snippet__"}
+        exec(compile(_replaced(SERVE_HTTPX, {"8080": port}), "<README>", "exec"), scope)
+        assert scope["vectors"].shape == (2, 3, 6, 32) and scope["lengths"] == [6, 2]
+        exec(compile(_replaced(SERVE_OPENAI, {"8080": port}), "<README>", "exec"), scope)
+        want = load(tiny_dir).encode(["Nothing suits me like a suit"])[0]
+        assert np.abs(np.array(scope["vector"], dtype=np.float32) - want).max() < 1e-6
+    finally:
+        assert server.stop(signal.SIGINT) == 0, server.log()[-3000:]      # Ctrl-C drains too

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .config import N_CHARACTERS_TRAIN, ElmoError, Options, read_options
+from .errors import quote, short_path
 from .export import export_model, load_weights
 from .lm import LanguageModel
 from .model import BiLM
@@ -130,7 +131,8 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # a truncated / foreign file
-        raise ElmoError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from None
+        raise ElmoError(f"{path}: cannot read checkpoint ({type(e).__name__}: "
+                        f"{quote(e)})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ElmoError(f"{path}: not a torch_elmo training checkpoint")
     return ckpt
@@ -158,17 +160,26 @@ def load_model_state(lm: LanguageModel, bilm_state: dict, softmax: Optional[dict
             lm.softmax_b.copy_(softmax["b"])
 
 
-def options_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
-    keys = []
+def differing_keys(a: dict, b: dict, prefix: str = "", skip: tuple = ()) -> list[tuple]:
+    """(dotted key, value in a, value in b) for every leaf that differs; top-level `skip` keys
+    left out."""
+    out = []
     for k in sorted(set(a) | set(b)):
-        if not prefix and (k in STOPPING_KEYS or k == "n_gpus"):   # n_gpus: the world size
+        if not prefix and k in skip:
             continue
         va, vb = a.get(k), b.get(k)
         if isinstance(va, dict) and isinstance(vb, dict):
-            keys += options_diff(va, vb, f"{prefix}{k}.")
+            out += differing_keys(va, vb, f"{prefix}{k}.")
         elif va != vb:
-            keys.append(f"{prefix}{k} ({vb!r} in the checkpoint, {va!r} now)")
-    return keys
+            out.append((f"{prefix}{k}", va, vb))
+    return out
+
+
+def options_diff(a: dict, b: dict) -> list[str]:
+    """What differs between the options now (a) and the checkpoint's (b), for --resume; the
+    stopping keys may change and n_gpus is the world size."""
+    return [f"{k} ({vb!r} in the checkpoint, {va!r} now)"
+            for k, va, vb in differing_keys(a, b, skip=(*STOPPING_KEYS, "n_gpus"))]
 
 
 def check_resume_compatible(ckpt: dict, options: Options, vocab: Vocabulary, seed: int,
@@ -185,9 +196,18 @@ def check_resume_compatible(ckpt: dict, options: Options, vocab: Vocabulary, see
     run = ckpt["run"]
     if int(run["seed"]) != seed:
         raise ElmoError(f"--resume: --seed {seed} differs from the checkpoint's {run['seed']}")
-    if [os.path.abspath(f) for f in train_files] != list(run["train_files"]):
-        raise ElmoError(f"--resume: the --train files differ from the checkpoint's "
-                        f"({len(train_files)} now, {len(run['train_files'])} then)")
+    now, then = [os.path.abspath(f) for f in train_files], list(run["train_files"])
+    if now != then:
+        i = next((k for k, (a, b) in enumerate(zip(now, then)) if a != b),
+                 min(len(now), len(then)))   # or where the shorter list ends
+
+        def file_at(files):
+            return short_path(files[i]) if i < len(files) else "none"
+        raise ElmoError(f"--resume: the --train files differ from the checkpoint's at file "
+                        f"{i + 1} of {len(now)} now ({len(then)} then): {file_at(now)} now, "
+                        f"{file_at(then)} then; give --train the checkpoint's files, or drop "
+                        f"--resume and start a new run from these weights: --init-from "
+                        f"{short_path(os.path.dirname(os.path.abspath(path)))} --save-dir NEW_DIR")
     # a different world size is allowed: train() re-shards the data and says so
 
 
@@ -220,13 +240,28 @@ def same_architecture(a: Options, b: Options) -> bool:
     return da == db and a.bidirectional == b.bidirectional
 
 
+def architecture_mismatch(path: str, source: Options, run: Options, shown: int = 4) -> str:
+    """The one-line refusal of --init-from `path` whose model (`source`) is not the run's
+    architecture: the differing options with both values, and the two ways out."""
+    diff = differing_keys({**source.to_dict(inference=True), "bidirectional": source.bidirectional},
+                          {**run.to_dict(inference=True), "bidirectional": run.bidirectional})
+    listed = ", ".join(f"{k} {quote(repr(va), 30)} vs {quote(repr(vb), 30)}"
+                       for k, va, vb in diff[:shown])
+    more = f" (and {len(diff) - shown} more)" if len(diff) > shown else ""
+    where = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    return (f"--init-from {path}: the model's architecture differs from this run's options: "
+            f"{listed}{more} (the model's vs this run's); use --options "
+            f"{short_path(os.path.join(where, OPTIONS))}, or leave out --preset / --options to "
+            f"train with the model's own")
+
+
 def export_run(save_dir: str | os.PathLike, out_dir: str | os.PathLike,
-               safetensors: bool = False) -> tuple[str, str]:
-    """A training run's biLM -> out_dir/options.json (inference form) + weights.hdf5 (and
-    weights.safetensors with `safetensors`)."""
+               safetensors: bool = False, weight_name: str = "weights.hdf5") -> tuple[str, str]:
+    """A training run's biLM -> out_dir/options.json (inference form) + weights.hdf5 (or
+    `weight_name`; and weights.safetensors with `safetensors`)."""
     path = os.path.join(save_dir, CHECKPOINT)
     ckpt = load_checkpoint(path)
     model = BiLM(checkpoint_options(ckpt, path))
     model.load_state_dict(ckpt["model"])
-    return export_model(model, out_dir, safetensors=safetensors)
+    return export_model(model, out_dir, safetensors=safetensors, weight_name=weight_name)
 

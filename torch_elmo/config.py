@@ -21,7 +21,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from .errors import ElmoError
+from .errors import ElmoError, quote
 from .outputs import atomic_text
 
 
@@ -214,7 +214,7 @@ def read_options(path: str | os.PathLike) -> Options:
     except FileNotFoundError:
         raise ElmoError(f"{path}: options file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ElmoError(f"{path}: not valid JSON ({e})") from None
+        raise ElmoError(f"{path}: not valid JSON ({quote(e)})") from None
     return Options.from_dict(d, source=path)
 
 

@@ -26,6 +26,7 @@ from typing import Callable, Optional
 import torch
 
 from .config import ElmoError
+from .errors import quote
 from .outputs import remove_in_progress
 
 
@@ -99,10 +100,8 @@ def collective(rank: int, fn: Callable):
     except Exception as e:   # RuntimeError / DistBackendError from gloo or NCCL
         first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
         first = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", first)   # gloo's source path
-        if len(first) > 160:
-            first = first[:157] + "..."
-        raise ElmoError(f"rank {rank} lost contact with the group ({type(e).__name__}: {first})"
-                        ) from None
+        raise ElmoError(f"rank {rank} lost contact with the group ({type(e).__name__}: "
+                        f"{quote(first)})") from None
 
 
 class ConcatStreams:
@@ -157,7 +156,8 @@ def init_distributed(device: torch.device, timeout_s: float) -> tuple[int, int, 
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     except Exception as e:
         raise ElmoError(f"rank {rank}: cannot join the process group of {world} ({backend}): "
-                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+                        f"{quote(str(e).splitlines()[0] if str(e) else type(e).__name__)}"
+                        ) from None
     return rank, world, device
 
 

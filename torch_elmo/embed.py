@@ -28,24 +28,24 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import sys
 import warnings
 import weakref
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import h5py
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from .chars import BOS_TOKEN, EOS_TOKEN, batch_to_ids, char_ids
 from .config import ElmoError
+from .errors import quote
 from .chars import check_batch
 from .device import device_of, resolve_device
 from .export import load_bilm
 from .token_cache import TokenEmbeddingCache
 from .outputs import atomic_path, check_free_space, write_error
+from .progress import progress_bar
 from .hub import resolve_model
 from .model import BiLM, RowStateBuffer
 from .textio import read_lines
@@ -333,12 +333,25 @@ def allennlp_device(cuda_device, device: Optional[str | torch.device]) -> torch.
 
 
 # ---------------------------------------------------------------------------------- batching
-def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
+def length_sorted_batches(lengths: Sequence[int], batch_size: int,
+                          max_tokens: Optional[int] = None) -> Iterator[list[int]]:
     """Indices into `lengths` in batches of at most `batch_size`, shortest first (stable for
-    equal lengths), so a batch pads little. Callers put results back by index."""
+    equal lengths), so a batch pads little. Callers put results back by index. `max_tokens`
+    also caps a batch's padded size, rows x its longest length (an empty row counts 1); a row
+    longer than that on its own still gets a batch of its own (`elmo serve`'s batcher)."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    for start in range(0, len(order), batch_size):
-        yield order[start:start + batch_size]
+    if max_tokens is None:
+        for start in range(0, len(order), batch_size):
+            yield order[start:start + batch_size]
+        return
+    batch: list[int] = []
+    for i in order:      # ascending: the row being added is the batch's longest
+        if batch and (len(batch) == batch_size or (len(batch) + 1) * max(lengths[i], 1) > max_tokens):
+            yield batch
+            batch = []
+        batch.append(i)
+    if batch:
+        yield batch
 
 
 def input_order_batches(n: int, batch_size: int) -> Iterator[list[int]]:
@@ -466,19 +479,6 @@ def reduce_layers(emb: np.ndarray, layers: str) -> np.ndarray:
     return emb
 
 
-@contextmanager
-def atomic_hdf5(output_file: str) -> Iterator[h5py.File]:
-    """An HDF5 file opened on a temp file beside `output_file`, renamed onto it when the block
-    ends normally and deleted when it raises (Ctrl-C included): never a half-written output
-    (outputs.atomic_path: the umask's permissions, a killed run's temp file removed next time)."""
-    out_dir = os.path.dirname(os.path.abspath(output_file))
-    if not os.path.isdir(out_dir):
-        raise ElmoError(f"{output_file}: folder {out_dir} does not exist")
-    with atomic_path(output_file) as tmp:
-        with h5py.File(tmp, "w") as f:
-            yield f
-
-
 def write_sentence_index(fout: h5py.File, lines: Sequence[str]) -> None:
     """`sentence_to_index`: (1,) string dataset, JSON {line text: "i"} (allennlp's; last wins)."""
     ds = fout.create_dataset("sentence_to_index", (1,), dtype=h5py.string_dtype())
@@ -547,22 +547,23 @@ def embed_file(embedder: ElmoEmbedder, input_file, output_file: str | os.PathLik
     (`use_sentence_keys`: datasets named by their stripped line, no `sentence_to_index`;
     `forget_sentences`: no `sentence_to_index`). Empty lines give (3, 0, 2P). Undecodable bytes
     become U+FFFD, one warning to `warn`. Lines longer than `max_tokens` are embedded in
-    overlapping windows (`token_windows`) and rejoined. Written atomically; returns the count."""
+    overlapping windows (`token_windows`) and rejoined. Written atomically, as the layout (HDF5's
+    metadata, after a check that the whole file fits on the disk) and then the vectors in place
+    (`write_lines_at`), so a disk that fills is one line; returns the count."""
     check_embed_file_args(layers, batch_size, dtype, max_tokens)
     output_file = os.fspath(output_file)
     _, lines = read_input(input_file, warn)
     keys = sentence_keys(lines, use_sentence_keys)
     sentences = [line.split() for line in lines]
-    np_dtype = np.float16 if dtype == "float16" else np.float32
-    with atomic_hdf5(output_file) as fout, \
-            tqdm(total=len(lines), unit="line", desc="embed", file=sys.stderr,
-                 disable=(None if progress is None else not progress)) as bar:
-        for line, emb in embedded_lines(embedder, sentences, batch_size, max_tokens):
-            create_line_dataset(fout, keys[line], line,
-                                data=reduce_layers(emb, layers).astype(np_dtype))
-            bar.update(1)
-        if not (forget_sentences or use_sentence_keys):
-            write_sentence_index(fout, lines)
+    np_dtype = np.dtype("<f2" if dtype == "float16" else "<f4")
+    shapes = line_shapes(sentences, layers, embedder.output_dim)
+    check_free_space(output_file, output_bytes(shapes, np_dtype, lines), "embeddings")
+    with atomic_path(output_file) as tmp:
+        write_layout(tmp, keys, shapes, np_dtype,
+                     None if (forget_sentences or use_sentence_keys) else lines)
+        with progress_bar(len(lines), desc="embed", unit="line", enabled=progress) as bar:
+            write_lines_at(tmp, output_file, embedder, sentences, range(len(lines)), keys, layers,
+                           batch_size, max_tokens, np_dtype, bar)
     return len(lines)
 
 
@@ -595,36 +596,56 @@ def embed_file_distributed(embedder: ElmoEmbedder, input_file: str, output_file:
     keys = sentence_keys(lines, use_sentence_keys)
     sentences = [line.split() for line in lines]
     np_dtype = np.dtype("<f2" if dtype == "float16" else "<f4")
-    dim = embedder.output_dim                                 # 2P
-    shapes = [(len(s), dim) if layers in ("top", "average") else (3, len(s), dim)
-              for s in sentences]
+    shapes = line_shapes(sentences, layers, embedder.output_dim)
     mine = list(range(rank, len(lines), world_size))
     with (atomic_path(output_file) if rank == 0 else nullcontext()) as tmp:
         if rank == 0:
-            n_bytes = sum(int(np.prod(shape)) for shape in shapes) * np_dtype.itemsize
-            check_free_space(output_file, n_bytes + (1 << 20), "embeddings")
+            check_free_space(output_file, output_bytes(shapes, np_dtype, lines), "embeddings")
             write_layout(tmp, keys, shapes, np_dtype,
                          None if (forget_sentences or use_sentence_keys) else lines)
         box = [tmp]
         collective(rank, lambda: dist.broadcast_object_list(box, src=0))   # the layout is written
-        tmp = box[0]
-        with h5py.File(tmp, "r") as f:
-            offsets = {i: f[keys[i]].id.get_offset() for i in mine}
-        fd = os.open(tmp, os.O_WRONLY)
-        try:
-            with tqdm(total=len(mine), unit="line", desc=f"embed (rank 0 of {world_size})",
-                      file=sys.stderr,
-                      disable=rank != 0 or (None if progress is None else not progress)) as bar:
-                for j, emb in embedded_lines(embedder, [sentences[i] for i in mine], batch_size,
-                                             max_tokens):
-                    data = np.ascontiguousarray(reduce_layers(emb, layers), dtype=np_dtype)
-                    if data.size:
-                        write_at(fd, memoryview(data).cast("B"), offsets[mine[j]], output_file)
-                    bar.update(1)
-        finally:
-            os.close(fd)
+        with progress_bar(len(mine), desc=f"embed (rank 0 of {world_size})", unit="line",
+                          enabled=False if rank != 0 else progress) as bar:
+            write_lines_at(box[0], output_file, embedder, sentences, mine, keys, layers,
+                           batch_size, max_tokens, np_dtype, bar)
         collective(rank, dist.barrier)                        # every rank's lines are written
     return len(lines)
+
+
+def line_shapes(sentences: Sequence[Sequence[str]], layers: str, dim: int) -> list[tuple]:
+    """Each line's dataset shape: (3, n, 2P) for `all`, (n, 2P) for `top` / `average`."""
+    return [(len(s), dim) if layers in ("top", "average") else (3, len(s), dim)
+            for s in sentences]
+
+
+def output_bytes(shapes: Sequence[tuple], dtype: np.dtype, lines: Sequence[str]) -> int:
+    """A bound on the output file's size: the vectors, 1 KB of HDF5 metadata a line (a dataset's
+    header and link take a few hundred bytes), the sentence index (the text + 16 bytes a line)
+    and 64 KB for the file's own structures."""
+    return (sum(int(np.prod(shape)) for shape in shapes) * dtype.itemsize
+            + sum(1024 + 16 + len(line.encode("utf-8")) for line in lines) + (64 << 10))
+
+
+def write_lines_at(layout: str, output_file: str, embedder: ElmoEmbedder,
+                   sentences: Sequence[Sequence[str]], lines: Sequence[int], keys: Sequence[str],
+                   layers: str, batch_size: int, max_tokens: Optional[int], dtype: np.dtype,
+                   bar) -> None:
+    """Embed the given `lines` (input line numbers) and write each one's bytes straight to its
+    dataset's place in the `layout` file (os.pwrite: a disk that fills midway is an OSError, so
+    one line, where HDF5 itself can crash the process on a failed write)."""
+    with h5py.File(layout, "r") as f:
+        offsets = {i: f[keys[i]].id.get_offset() for i in lines}
+    fd = os.open(layout, os.O_WRONLY)
+    try:
+        for j, emb in embedded_lines(embedder, [sentences[i] for i in lines], batch_size,
+                                     max_tokens):
+            data = np.ascontiguousarray(reduce_layers(emb, layers), dtype=dtype)
+            if data.size:
+                write_at(fd, memoryview(data).cast("B"), offsets[lines[j]], output_file)
+            bar.update(1)
+    finally:
+        os.close(fd)
 
 
 def create_line_dataset(f: h5py.File, key: str, line: int, **kwargs) -> None:
@@ -633,7 +654,7 @@ def create_line_dataset(f: h5py.File, key: str, line: int, **kwargs) -> None:
     try:
         f.create_dataset(key, **kwargs)
     except (ValueError, TypeError) as e:   # h5py: TypeError where a dataset blocks the path
-        raise ElmoError(f"line {line + 1}: cannot store under the key {key!r} ({e}); drop "
+        raise ElmoError(f"line {line + 1}: cannot store under the key {key!r} ({quote(e)}); drop "
                         f"--use-sentence-keys") from None
 
 

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from .config import ElmoError, read_options, write_options
+from .errors import quote
 from .model import BiLM
 from .outputs import atomic_path, check_free_space
 
@@ -133,7 +134,8 @@ def load_weights(model: BiLM, weight_file: str | os.PathLike) -> BiLM:
     except FileNotFoundError:
         raise ElmoError(f"{path}: weight file not found") from None
     except OSError as e:
-        raise ElmoError(f"{path}: cannot read as HDF5 (truncated or not an HDF5 file): {e}") from None
+        raise ElmoError(f"{path}: cannot read as HDF5 (truncated or not an HDF5 file): "
+                        f"{quote(e)}") from None
 
     def lookup(name: str):
         if name not in f:
@@ -146,7 +148,8 @@ def load_weights(model: BiLM, weight_file: str | os.PathLike) -> BiLM:
             try:
                 return np.asarray(ds[...], dtype=np.float32)
             except (OSError, RuntimeError, KeyError) as e:
-                raise ElmoError(f"{path}: cannot read dataset '{name}' (truncated file?): {e}") from None
+                raise ElmoError(f"{path}: cannot read dataset '{name}' (truncated file?): "
+                                f"{quote(e)}") from None
         return tuple(ds.shape), read
 
     with f:
@@ -176,7 +179,7 @@ def load_safetensors(model: BiLM, weight_file: str | os.PathLike) -> BiLM:
         raise ElmoError(f"{path}: weight file not found") from None
     except Exception as e:  # SafetensorError: a bad header, a truncated file
         raise ElmoError(f"{path}: cannot read as safetensors (truncated or not a safetensors "
-                        f"file): {e}") from None
+                        f"file): {quote(e)}") from None
     with f:
         keys = set(f.keys())
 
@@ -223,13 +226,14 @@ def save_safetensors(model: BiLM, weight_file: str | os.PathLike) -> None:
         st.numpy.save_file(arrays, tmp, metadata={"format": "bilm-tf"})
 
 
-def export_model(model: BiLM, out_dir: str | os.PathLike,
-                 safetensors: bool = False) -> tuple[str, str]:
-    """out_dir/options.json (inference form, n_characters 262) + out_dir/weights.hdf5, and with
-    `safetensors=True` also out_dir/weights.safetensors (the same arrays)."""
+def export_model(model: BiLM, out_dir: str | os.PathLike, safetensors: bool = False,
+                 weight_name: str = "weights.hdf5") -> tuple[str, str]:
+    """out_dir/options.json (inference form, n_characters 262) + out_dir/weights.hdf5 (or
+    `weight_name`: bilm-tf's dump_weights.py names its file), and with `safetensors=True` also
+    out_dir/weights.safetensors (the same arrays)."""
     os.makedirs(out_dir, exist_ok=True)
     options_file = os.path.join(out_dir, "options.json")
-    weight_file = os.path.join(out_dir, "weights.hdf5")
+    weight_file = os.path.join(out_dir, weight_name)
     save_weights(model, weight_file)
     if safetensors:
         save_safetensors(model, os.path.join(out_dir, "weights.safetensors"))

@@ -11,10 +11,10 @@
 * `hf://owner/name[@revision][/subfolder]`: options.json + weights.hdf5 (or weights.safetensors)
   from a Hub repository, through huggingface_hub and its cache (`resolve_hf`);
 * a name from `PRETRAINED` (`small`, `medium`, `original`, `original-5.5B`): the files published
-  by AllenNLP, downloaded once into `cache_dir()/<name>/` (`$TORCH_ELMO_CACHE`, default
-  `~/.cache/torch_elmo`).
+  by AllenNLP, downloaded once into `cache_dir()/<name>/` (`$TORCH_ELMO_CACHE`, default the user
+  cache directory, ~/.cache/torch_elmo on Linux).
 
-Downloads stream into a temp file in the target folder, show a tqdm bar (on a terminal), and are
+Downloads stream into a temp file in the target folder, show progress (progress.py), and are
 renamed into place only after every check passed, so an interrupted or corrupt download never
 leaves a file that looks complete. Checks, in order:
 
@@ -41,6 +41,8 @@ from pathlib import Path
 from typing import Optional
 
 from .config import ElmoError
+from .errors import quote
+from .machine import cache_root
 
 BASE_URL = "https://allennlp.s3.amazonaws.com/models/elmo"
 
@@ -61,7 +63,9 @@ CHUNK = 1 << 20
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("TORCH_ELMO_CACHE") or Path.home() / ".cache" / "torch_elmo")
+    """The one cache root of torch-elmo (machine.cache_root: $TORCH_ELMO_CACHE, else the user
+    cache directory); the pretrained models go in its <name>/ folders."""
+    return cache_root()
 
 
 def pretrained_urls(name: str) -> dict[str, str]:
@@ -98,8 +102,8 @@ def download(url: str, dest: str | os.PathLike, sha256: Optional[str] = None,
              progress: Optional[bool] = None, timeout: float = 60.0) -> Path:
     """Fetch `url` to `dest` through a temp file in dest's folder; rename only when complete and
     verified. Any failure removes the temp file and raises ElmoError with one line naming the URL.
-    `progress=None`: a bar only on a terminal."""
-    from tqdm import tqdm
+    `progress=None`: progress.py's policy (a bar on a terminal, a line every 30 s otherwise)."""
+    from .progress import progress_bar
 
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -114,14 +118,13 @@ def download(url: str, dest: str | os.PathLike, sha256: Optional[str] = None,
                 raise ElmoError(f"download {url}: HTTP {e.code} {e.reason}") from None
             except (urllib.error.URLError, OSError) as e:
                 reason = getattr(e, "reason", e)
-                raise ElmoError(f"download {url}: cannot connect ({reason})") from None
+                raise ElmoError(f"download {url}: cannot connect ({quote(reason)})") from None
             with resp:
                 length = resp.headers.get("Content-Length")
                 total = int(length) if length and length.isdigit() else None
                 etag = (resp.headers.get("ETag") or "").strip('"')
-                bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                           desc=dest.name, disable=(None if progress is None else not progress),
-                           leave=False)
+                bar = progress_bar(total, desc=dest.name, unit="B", enabled=progress,
+                                   unit_scale=True, unit_divisor=1024, leave=False)
                 with bar:
                     while True:
                         try:
@@ -277,7 +280,7 @@ def resolve_hf(address: str) -> tuple[str, str]:
             raise ElmoError(f"{address}: no revision {revision!r} in {repo_id}") from None
         except (HfHubHTTPError, OSError, ValueError) as e:  # HTTP errors, a malformed repo id
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise ElmoError(f"{address}: {first}") from None
+            raise ElmoError(f"{address}: {quote(first)}") from None
 
     options = get("options.json")
     weights = None

@@ -11,7 +11,9 @@ autograd is needed and which path runs:
     any other device    lstmp_reference: the plain math with autograd (the place where a CUDA
                         fast path would go; there is none yet)
 
-CPU-only tricks (applied only on the CPU):
+CPU-only tricks (applied only on the CPU); which of them the inference loop uses is a `Choices`
+(fp32 candidates that all give the reference's results within 1e-5): `DEFAULT`, or the one
+autotune.py measured fastest on this machine for the layer's shapes (`TUNED`, by `shape_class`):
 * oneDNN inner product with prepacked weights (`Linear`, `mm`, `linear`), probed once at import
   (`ONEDNN`); TORCH_ELMO_NO_ONEDNN=1 turns it off. Anything it does not cover falls back to
   F.linear / addmm.
@@ -32,6 +34,7 @@ not import model.py.
 from __future__ import annotations
 
 import os
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
@@ -85,9 +88,10 @@ class Linear:
 
     __slots__ = ("weight", "w", "onednn")
 
-    def __init__(self, weight: torch.Tensor, pack: bool = True, batch_hint: int = 64):
+    def __init__(self, weight: torch.Tensor, pack: bool = True, batch_hint: int = 64,
+                 onednn: bool = True):
         self.weight = weight
-        self.onednn = onednn_ok(weight)
+        self.onednn = onednn and onednn_ok(weight)
         self.w = weight
         if self.onednn:
             w = weight.detach().contiguous()
@@ -212,6 +216,43 @@ def unique_rows(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return uniq, inverse
 
 
+# ============================================================================ choices
+@dataclass(frozen=True)
+class Choices:
+    """How the CPU inference loop computes a layer. Every combination is exact to the reference
+    (tests/test_kernels.py checks each); which is fastest depends on the machine.
+
+    step_onednn   the recurrent step and the projection through oneDNN with prepacked weights
+                  (else MKL addmm / F.linear)
+    input_onednn  the same for the input-to-gate matmul hoisted out of the time loop
+    two_threads   the two directions of a layer on two threads, one core each (`two_threads_ok`)
+    tanh_sigmoid  tanh(x) = 2 sigmoid(2x) - 1 (`cell_update`), else torch.tanh
+    block_mb      the input-to-gate matmul hoisted out of the time loop in blocks of at most this
+                  many MB of gates (`infer_layer`)"""
+    step_onednn: bool = True
+    input_onednn: bool = True
+    two_threads: bool = True
+    tanh_sigmoid: bool = True
+    block_mb: int = 16
+
+    def describe(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in asdict(self).items())
+
+
+DEFAULT = Choices()
+# the values autotune.py times for each field (the default first); tests check every combination
+CANDIDATES: dict[str, tuple] = {"step_onednn": (True, False), "input_onednn": (True, False),
+                                "two_threads": (True, False), "tanh_sigmoid": (True, False),
+                                "block_mb": (16, 8)}
+# shape_class -> Choices measured on this machine (filled by autotune.py; DEFAULT where absent)
+TUNED: dict[str, Choices] = {}
+
+
+def shape_class(cell) -> str:
+    """The shapes a layer's timings depend on: input, hidden and projection sizes."""
+    return f"lstm{cell.input_weight.shape[1]}-{cell.hidden_dim}-{cell.proj_dim}"
+
+
 # ============================================================================ packed layout
 class Packing:
     """The packed time-major layout of a (B, T) validity mask (like a PackedSequence).
@@ -291,14 +332,16 @@ class Packing:
 
 # ============================================================================ the LSTM layer
 def lstmp_layer(cells: list, xs: list[torch.Tensor], pk: Packing, c0s: list[torch.Tensor],
-                h0s: list[torch.Tensor], unique: Optional[tuple] = None):
+                h0s: list[torch.Tensor], unique: Optional[tuple] = None,
+                choices: Optional[Choices] = None):
     """One LSTMP layer of one or more directions over the same packing: THE device seam.
 
     cells[d]: the layer's LSTMP of direction d; xs[d] packed input (N, in); c0s[d] (B, H),
     h0s[d] (B, P) in sorted row order. Returns lists of packed outputs (N, P) and sorted final
     c (B, H), h (B, P); without autograd all of them in fp32.
     `unique` = (rep (U, in), [index (N,) per direction]) when every xs[d] is rep[index[d]]: the
-    CPU inference loop then computes the input-to-gate matmul once per distinct input."""
+    CPU inference loop then computes the input-to-gate matmul once per distinct input.
+    `choices`: how the CPU inference loop runs (default: TUNED for these shapes, else DEFAULT)."""
     needs_grad = torch.is_grad_enabled() and (
         any(t.requires_grad for t in xs + c0s + h0s)
         or any(p.requires_grad for cell in cells for p in cell.parameters()))
@@ -320,13 +363,14 @@ def lstmp_layer(cells: list, xs: list[torch.Tensor], pk: Packing, c0s: list[torc
         return [o[0] for o in out], [o[1] for o in out], [o[2] for o in out]
     # ---- CPU inference: in place, prepacked weights, the directions on two threads
     dtype = inference_dtype(xs[0].device)
+    ch = choices or TUNED.get(shape_class(cells[0]), DEFAULT)
     with torch.no_grad():
-        if not two_threads_ok(xs[0], len(cells)):
-            ys, cs, hs = infer_layer(cells, xs, pk, c0s, h0s, dtype, unique)
+        if not (ch.two_threads and two_threads_ok(xs[0], len(cells))):
+            ys, cs, hs = infer_layer(cells, xs, pk, c0s, h0s, dtype, unique, ch)
         else:
             us = [None, None] if unique is None else [(unique[0], [unique[1][d]]) for d in range(2)]
-            out = on_two_threads(
-                lambda d: infer_layer([cells[d]], [xs[d]], pk, [c0s[d]], [h0s[d]], dtype, us[d]))
+            out = on_two_threads(lambda d: infer_layer([cells[d]], [xs[d]], pk, [c0s[d]],
+                                                       [h0s[d]], dtype, us[d], ch))
             ys, cs, hs = ([o[k][0] for o in out] for k in range(3))
     return [y.float() for y in ys], cs, hs
 
@@ -378,51 +422,66 @@ def tanh_via_sigmoid(x: torch.Tensor, out: Optional[torch.Tensor] = None) -> tor
     return t.sigmoid_().mul_(2.0).sub_(1.0)
 
 
-def cell_update(z: torch.Tensor, c: torch.Tensor, cell_clip: Optional[float]) -> torch.Tensor:
-    """In place, no autograd: z (n, 4H) pre-activations i, f, j' = 2 j, o (j doubled by the
-    weights) -> sigmoids; c (n, H) fp32 -> new c. Returns m = o * tanh(c) (n, H) in z's dtype."""
+def cell_update(z: torch.Tensor, c: torch.Tensor, cell_clip: Optional[float],
+                tanh_sigmoid: bool = True) -> torch.Tensor:
+    """In place, no autograd: z (n, 4H) pre-activations i, f, j, o -> activations; c (n, H) fp32
+    -> new c. Returns m = o * tanh(c) (n, H) in z's dtype. `tanh_sigmoid`: z's j block is 2 j
+    (doubled by the weights, `scale_j`) and every tanh is taken through a sigmoid; else the
+    plain torch.tanh on an undoubled j."""
     H = c.shape[1]
-    s = z.sigmoid_() if z.dtype == torch.float32 else z.float().sigmoid_()
-    i, f, sj, o = s[:, :H], s[:, H:2 * H], s[:, 2 * H:3 * H], s[:, 3 * H:]
-    # c = f c + i j with j = 2 sj - 1:  f c + 2 i sj - i
-    c.mul_(f).addcmul_(i, sj, value=2.0).sub_(i)
+    s = z if z.dtype == torch.float32 else z.float()
+    if tanh_sigmoid:
+        s.sigmoid_()
+        i, f, sj, o = s[:, :H], s[:, H:2 * H], s[:, 2 * H:3 * H], s[:, 3 * H:]
+        # c = f c + i j with j = 2 sj - 1:  f c + 2 i sj - i
+        c.mul_(f).addcmul_(i, sj, value=2.0).sub_(i)
+    else:
+        s[:, :2 * H].sigmoid_()
+        s[:, 3 * H:].sigmoid_()
+        i, f, j, o = s[:, :H], s[:, H:2 * H], s[:, 2 * H:3 * H].tanh_(), s[:, 3 * H:]
+        c.mul_(f).addcmul_(i, j)
     if cell_clip is not None:
         c.clamp_(-cell_clip, cell_clip)
-    t = tanh_via_sigmoid(c)
+    t = tanh_via_sigmoid(c) if tanh_sigmoid else torch.tanh(c)
     if z.dtype == torch.float32:
         return t.mul_(o)
     return torch.mul(t, o, out=t.new_empty(t.shape, dtype=z.dtype))   # rounded once, to bf16
 
 
-def inference_weights(cell, dtype: torch.dtype):
+def inference_weights(cell, dtype: torch.dtype, ch: Choices = DEFAULT):
     """(input Linear, run bias, state Linear, projection Linear) of an LSTMP for inference,
-    cached in cell.fast_weights. The j block of the gate weights and bias is doubled (exact)
-    for `cell_update`'s tanh via sigmoid."""
+    cached in cell.fast_weights. With ch.tanh_sigmoid the j block of the gate weights and bias is
+    doubled (exact) for `cell_update`'s tanh via sigmoid; ch.step_onednn / input_onednn: the
+    state and projection / the input weights prepacked for oneDNN (else MKL)."""
     src = (cell.input_weight, cell.state_weight, cell.bias, cell.proj_weight)
+    j = scale_j if ch.tanh_sigmoid else (lambda w: w)
 
     def build():
-        return (Linear(scale_j(cell.input_weight.detach()).to(dtype), batch_hint=1024),
-                scale_j(cell.run_bias().detach()).to(dtype),
-                Linear(scale_j(cell.state_weight.detach()).to(dtype)),
-                Linear(cell.proj_weight.detach().to(dtype)))
-    return cell.fast_weights.get(("lstm", dtype), src, build)
+        return (Linear(j(cell.input_weight.detach()).to(dtype), batch_hint=1024,
+                       onednn=ch.input_onednn),
+                j(cell.run_bias().detach()).to(dtype),
+                Linear(j(cell.state_weight.detach()).to(dtype), onednn=ch.step_onednn),
+                Linear(cell.proj_weight.detach().to(dtype), onednn=ch.step_onednn))
+    key = ("lstm", dtype, ch.tanh_sigmoid, ch.step_onednn, ch.input_onednn)
+    return cell.fast_weights.get(key, src, build)
 
 
 def infer_layer(cells: list, xs: list[torch.Tensor], pk: Packing, c0s: list[torch.Tensor],
-                h0s: list[torch.Tensor], dtype: torch.dtype, unique: Optional[tuple] = None):
+                h0s: list[torch.Tensor], dtype: torch.dtype, unique: Optional[tuple] = None,
+                ch: Choices = DEFAULT):
     """CPU inference of one layer of one or more directions, advanced together step by step,
     no autograd. Arguments as `lstmp_layer`'s. Returns packed outputs (N, P) in `dtype` and the
     sorted final (c, h) in fp32. Cell state kept in fp32.
 
     The input-to-gate matmul is hoisted out of the time loop, in blocks of consecutive steps of
-    at most ~16 MB of gates: one (N, 4H) block would be a fresh mmap'ed allocation per call,
-    whose first-touch page faults cost as much as a good part of the matmul; blocks of this
-    size are recycled by malloc."""
+    at most ch.block_mb MB of gates (16 by default): one (N, 4H) block would be a fresh mmap'ed
+    allocation per call, whose first-touch page faults cost as much as a good part of the
+    matmul; blocks of this size are recycled by malloc."""
     D = len(cells)
-    lin = [inference_weights(cell, dtype) for cell in cells]
+    lin = [inference_weights(cell, dtype, ch) for cell in cells]
     H4 = cells[0].state_weight.shape[0]
     budget = max(pk.batch_sizes[0] if pk.N else 1,
-                 (16 << 20) // (H4 * torch.finfo(dtype).bits // 8))
+                 (ch.block_mb << 20) // (H4 * torch.finfo(dtype).bits // 8))
     gx_u = None
     if unique is not None:
         rep, index = unique
@@ -440,7 +499,7 @@ def infer_layer(cells: list, xs: list[torch.Tensor], pk: Packing, c0s: list[torc
                 cell = cells[d]
                 _, _, lin_hh, lin_p = lin[d]
                 z = lin_hh(h_prev[d][:n], add=gx[d][o - r0:o - r0 + n])       # (n, 4H)
-                m = cell_update(z, cs[d][:n], cell.cell_clip)                # (n, H)
+                m = cell_update(z, cs[d][:n], cell.cell_clip, ch.tanh_sigmoid)  # (n, H)
                 h = ys[d][o:o + n]
                 h.copy_(lin_p(m, clip=cell.proj_clip))                       # (n, P)
                 h_prev[d] = h

@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import kernels
+from . import autotune, kernels
 from .chars import PAD_CHAR
 from .config import Options
 # TEMPORARY, until train.py imports `Linear, mm` from kernels (delete at merge)
@@ -364,6 +364,8 @@ class BiLM(nn.Module):
         only). Returns per direction its packed layer outputs [(N, P)] * n_layers and the final
         (c, h) stacked like c0, h0."""
         drop = self.training and self.dropout > 0
+        if xs[0].device.type == "cpu" and not torch.is_grad_enabled():
+            autotune.ensure(self.directions[dirs[0]][0])   # kernel choices of this machine
         c0s, h0s = c0.index_select(2, pk.order), h0.index_select(2, pk.order)  # rows by length
         outputs, cs, hs = [[] for _ in dirs], [], []
         for l in range(self.n_layers):

@@ -30,7 +30,7 @@ import tempfile
 from contextlib import contextmanager
 from typing import Iterator, Sequence
 
-from .errors import ElmoError
+from .errors import ElmoError, quote
 
 # the temporaries of the atomic_path blocks running now (removed by remove_in_progress)
 IN_PROGRESS: set[str] = set()
@@ -79,9 +79,10 @@ def check_free_space(path: str | os.PathLike, n_bytes: int, what: str = "file") 
     """ElmoError if the file system holding `path` has less than `n_bytes` (+1%) free."""
     parent = os.path.dirname(os.path.abspath(os.fspath(path)))
     free = shutil.disk_usage(parent).free
-    if free < n_bytes * 1.01 + (64 << 10):
-        raise ElmoError(f"{path}: not enough disk space for the {what} ({n_bytes / 1e6:.1f} MB "
-                        f"needed, {free / 1e6:.1f} MB free)")
+    need = n_bytes * 1.01 + (64 << 10)
+    if free < need:
+        raise ElmoError(f"{path}: not enough disk space for the {what} ({need / 1e6:.2f} MB "
+                        f"needed, {free / 1e6:.2f} MB free)")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -115,7 +116,7 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[str]:
 
 def write_error(path: str | os.PathLike, e: OSError) -> ElmoError:
     """The one-line error for an OSError met while writing `path`."""
-    return ElmoError(f"{path}: cannot write ({e.strerror or e}); nothing was written and the "
+    return ElmoError(f"{path}: cannot write ({quote(e)}); nothing was written and the "
                      f"previous file, if any, is unchanged")
 
 

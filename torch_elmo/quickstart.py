@@ -36,7 +36,8 @@ the demonstrations:
    softmax, which the exported ELMo files do not carry, so it comes from the run's checkpoint.
 3. A small classification: which outlet wrote a headline (4 outlets, titles are never part of the
    LM's training text), logistic regression on mean-pooled ELMo vectors vs the context-free
-   layer 0 vs TF-IDF, as `elmo classify` does.
+   layer 0 vs TF-IDF, as `elmo classify` does; the ELMo classifier is then saved (as `elmo
+   classify --save` does), reloaded with `load_task` and applied to a new headline.
 """
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ import sys
 import time
 import zipfile
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -70,6 +71,8 @@ PLANE_SENTENCES = [
 # occurrences), "banana" (8) and "knife" (67) occur in it, never after "said on".
 NEXT_WORD_CONTEXT = "Officials said on"
 NEXT_WORD_CANDIDATES = ["Thursday", "Monday", "Friday", "Twitter", "knife", "elephant", "banana"]
+# a headline written for the demo (not in the corpus), classified by the saved model
+NEW_HEADLINE = "Russian foreign minister holds talks with his Syrian counterpart in Moscow"
 OUTLETS = {"www.aljazeera.com": "Al Jazeera", "tass.com": "TASS", "abcnews.go.com": "ABC News",
            "www.rte.ie": "RTE"}
 
@@ -274,7 +277,7 @@ def _reexec_with_passive_openmp() -> None:
 
 
 def run_quickstart(work_dir: str, minutes: float = 5.0, seed: int = 0,
-                   progress: bool = True) -> int:
+                   progress: Optional[bool] = None) -> int:
     """The whole quickstart (corpus, training, perplexity, export, demos); `elmo quickstart`."""
     _reexec_with_passive_openmp()
     import torch
@@ -284,22 +287,26 @@ def run_quickstart(work_dir: str, minutes: float = 5.0, seed: int = 0,
     from .embed import ElmoEmbedder
     from .evaluate import perplexity
     from .tasks import run_classification
+    from .tasks.classify import save_classifier
+    from .tasks.load import load_task
     from .vocab import Vocabulary, build_vocabulary, count_words
 
     t_start = time.time()
     work = Path(work_dir)
     run_dir, model_dir, data_dir = work / "run", work / "model", work / "data"
+    classifier_dir = work / "headline-classifier"
     marker = work / ".elmo-quickstart"
     if work.exists() and any(work.iterdir()):
         if not marker.exists():
             raise ElmoError(f"{work} exists and is not a quickstart work dir: pass another "
                             f"--work-dir")
         import shutil
-        for sub in (run_dir, model_dir, data_dir):
+        for sub in (run_dir, model_dir, data_dir, classifier_dir):
             shutil.rmtree(sub, ignore_errors=True)
         print(f"starting afresh in {work} (the previous quickstart run there is removed)")
     data_dir.mkdir(parents=True, exist_ok=True)
-    marker.write_text("made by `elmo quickstart`; it may delete run/, model/ and data/ here\n")
+    marker.write_text("made by `elmo quickstart`; it may delete run/, model/, data/ and "
+                      "headline-classifier/ here\n")
     torch.manual_seed(seed)
 
     _hr("1. corpus")
@@ -377,6 +384,17 @@ def run_quickstart(work_dir: str, minutes: float = 5.0, seed: int = 0,
               f"({r['dim']} features)")
     print(f"  {len(tr)} train / {len(te)} test headlines; chance (majority class) "
           f"{max(sum(e.label == l for e in te) for l in OUTLETS.values()) / len(te):.3f}")
+
+    _hr("8. use it: the ELMo headline classifier saved, reloaded, applied to a new headline")
+    save_classifier(r, classifier_dir, "elmo", "logreg", embedder,
+                    options={"features": "elmo", "classifier": "logreg", "seed": seed})
+    clf = load_task(classifier_dir)
+    proba = clf.predict_proba([NEW_HEADLINE])[0]
+    print(f"  saved to {classifier_dir}/ (task.json, the classifier, a copy of the biLM)")
+    print(f'  "{NEW_HEADLINE}" -> {clf.predict([NEW_HEADLINE])[0]}  ('
+          + ", ".join(f"{c} {p:.2f}" for c, p in zip(clf.classes_, proba)) + ")")
+    print(f"  the same from the shell: elmo predict --model {classifier_dir} --input "
+          f"headlines.txt --output -")
 
     print(f"\nquickstart finished in {(time.time() - t_start) / 60:.1f} minutes; everything is "
           f"under {work}/")

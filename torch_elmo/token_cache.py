@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from .chars import BOS_TOKEN, EOS_TOKEN, batch_to_ids, check_batch
 from .config import ElmoError
+from .errors import quote
 from .device import device_of
 from .export import load_bilm
 from .model import BiLM
@@ -117,7 +118,7 @@ class TokenEmbeddingCache:
         except (FileNotFoundError, OSError) as e:
             if isinstance(e, FileNotFoundError) or not os.path.exists(path):
                 raise ElmoError(f"{path}: token cache not found") from None
-            raise ElmoError(f"{path}: cannot read as HDF5 ({e})") from None
+            raise ElmoError(f"{path}: cannot read as HDF5 ({quote(e)})") from None
         if vocab_file is not None:
             tokens = Vocabulary.read(vocab_file, require_specials=False).tokens
         if tokens is None:

@@ -33,12 +33,13 @@ import torch
 from . import checkpoint as ck
 from .config import RECIPES, ElmoError, Options
 from .data import LMBatchStream
-from .device import bf16_native
 from .distributed import ConcatStreams, all_reduce_gradients, collective
 from .evaluate import perplexity
 from .lm import LanguageModel, LogUniformSampler
 from .metrics import METRICS, PLOT, append_jsonl, fmt_time, plot_perplexity, read_metrics
 from .outputs import atomic_text
+from .precision import Precision, choose
+from .progress import progress_bar
 from .textio import BadLines
 from .vocab import Vocabulary, count_words
 
@@ -96,10 +97,15 @@ def updates_per_epoch(n_train_tokens: int, batch_size: int, unroll_steps: int,
     return n_train_tokens // (batch_size * unroll_steps * world_size)
 
 
-def count_training_tokens(files: list[str], vocab: Vocabulary) -> int:
-    """One pass over the training data: the number of tokens (n_train_tokens), and checks of the
-    vocabulary against it: refused when it covers none of the tokens (every target would be
-    <UNK>), a warning when it covers little or is not sorted by descending frequency."""
+# a vocabulary covering less of the training tokens than this draws a warning
+COVERAGE_WARNING = 0.95
+
+
+def count_training_tokens(files: list[str], vocab: Vocabulary) -> tuple[int, float]:
+    """One pass over the training data: the number of tokens (n_train_tokens) and the fraction
+    the vocabulary covers, and checks of the vocabulary against it: refused when it covers none
+    of the tokens (every target would be <UNK>), a warning when it covers less than 95% or is not
+    sorted by descending frequency."""
     bad = BadLines()
     counts = count_words(files, bad)                  # the one corpus count (vocab.py)
     if bad.count > bad.named:
@@ -109,11 +115,12 @@ def count_training_tokens(files: list[str], vocab: Vocabulary) -> int:
     if total and covered == 0:
         raise ElmoError(f"{vocab.source}: covers none of the {total:,} training tokens (every "
                         f"target would be <UNK>): build it from this corpus with `elmo vocab`")
-    if total and covered < 0.5 * total:
-        warnings.warn(f"{vocab.source}: covers only {100 * covered / total:.1f}% of the training "
-                      f"tokens; the rest are <UNK> targets")
+    if total and covered < COVERAGE_WARNING * total:
+        warnings.warn(f"{vocab.source} covers {100 * covered / total:.1f}% of the training "
+                      f"tokens; the rest train <UNK> (build the vocabulary from this corpus with "
+                      f"`elmo vocab` unless that is meant)")
     vocab.check_frequency_sorted(counts)
-    return total
+    return total, (covered / total if total else 0.0)
 
 
 def batch_to(batch: dict, device: torch.device) -> dict:
@@ -154,6 +161,7 @@ class Run:
     window: dict = field(default_factory=lambda: {"loss": 0.0, "n": 0, "tokens": 0, "time": 0.0})
     metrics: list = field(default_factory=list)
     resumed: bool = False
+    coverage: Optional[float] = None     # of the training tokens by the vocabulary (if counted)
     lock: object = None                  # the save_dir lock (rank 0), held until the run ends
 
     @property
@@ -186,7 +194,7 @@ def plan_run(run: Run, n_train_tokens: Optional[int], ckpt: Optional[dict], resh
     B, T = o.batch_size, o.unroll_steps
     counted = n_train_tokens is None
     if counted:  # reports bad lines once, up front
-        n_train_tokens = count_training_tokens(run.train_files, run.vocab)
+        n_train_tokens, run.coverage = count_training_tokens(run.train_files, run.vocab)
     if n_train_tokens <= 0:
         files = run.train_files
         raise ElmoError(f"{', '.join(files[:3])}{' ...' if len(files) > 3 else ''}: "
@@ -208,13 +216,24 @@ def plan_run(run: Run, n_train_tokens: Optional[int], ckpt: Optional[dict], resh
     return counted
 
 
+def coverage_line(run: Run, counted: bool) -> str:
+    """The training header's line on the vocabulary: how much of the training tokens it covers
+    (the rest are <UNK> targets)."""
+    name = run.vocab_path or run.vocab.source
+    if run.coverage is None:
+        return (f"vocabulary {name}: {len(run.vocab):,} tokens; its coverage of the training "
+                f"tokens was not counted (" + ("the checkpoint does not record it" if run.resumed
+                                               else "--n-train-tokens given") + ")")
+    return (f"vocabulary {name}: {len(run.vocab):,} tokens, covering {100 * run.coverage:.1f}% "
+            f"of the training tokens" + ("" if counted else " (counted when the run started)"))
+
+
 def init_from(run: Run, path: str, log) -> None:
     """--init-from: the biLM (and the softmax when the vocabulary is the same) of another run or
     of an exported model."""
     src_options, bilm_state, softmax, src_vocab = ck.resolve_init_from(path)
     if not ck.same_architecture(src_options, run.options):
-        raise ElmoError(f"--init-from {path}: its architecture (lstm / char_cnn) differs "
-                        f"from the options of this run")
+        raise ElmoError(ck.architecture_mismatch(path, src_options, run.options))
     same_vocab = softmax is not None and src_vocab is not None and \
         src_vocab["sha1"] == ck.vocab_fingerprint(run.vocab)
     ck.load_model_state(run.lm, bilm_state, softmax if same_vocab else None)
@@ -297,6 +316,8 @@ def build_run(options: Options, vocab: Vocabulary, train_files: list[str], save_
               data_seed=data_seed, lock=lock,
               step_offset=int(ckpt["run"].get("step_offset", 0)) if ckpt is not None else 0)
     counted = plan_run(run, n_train_tokens, ckpt, reshard, max_tokens, max_time)
+    if run.coverage is None and ckpt is not None:
+        run.coverage = ckpt["run"].get("vocab_coverage")
     options = run.options
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
@@ -381,6 +402,7 @@ def save_checkpoint(run: Run) -> None:
         "run": {"seed": run.seed, "train_files": run.train_files, "world_size": run.world_size,
                 "data_seed": run.data_seed, "step_offset": run.step_offset,
                 "n_train_tokens": run.n_train_tokens, "epochs": run.epochs,
+                "vocab_coverage": run.coverage,
                 "total_steps": run.total_steps if run.total_steps != sys.maxsize else None},
     }, os.path.join(run.save_dir, ck.CHECKPOINT))
 
@@ -456,7 +478,7 @@ def train(options: Options, vocab: Vocabulary, train_files: list[str], save_dir:
           init_from: Optional[str] = None, log_every: int = 100, eval_every: int = 1000,
           checkpoint_every: int = 1250, heldout_batch_size: int = 256,
           heldout_max_batches: Optional[int] = None, device: str | torch.device = "cpu",
-          bf16: bool = False, progress: bool = True, rank: int = 0, world_size: int = 1,
+          bf16: bool = False, progress: Optional[bool] = None, rank: int = 0, world_size: int = 1,
           vocab_path: Optional[str] = None, _emulate_world_size: int = 1) -> dict:
     """Train (or continue training) a biLM; returns the last metrics record.
 
@@ -477,49 +499,60 @@ def train(options: Options, vocab: Vocabulary, train_files: list[str], save_dir:
         return loop(run, counted, heldout_files=heldout_files, max_tokens=max_tokens,
                     max_time=max_time, log_every=log_every, eval_every=eval_every,
                     checkpoint_every=checkpoint_every, heldout_batch_size=heldout_batch_size,
-                    heldout_max_batches=heldout_max_batches, bf16=bf16, progress=progress)
+                    heldout_max_batches=heldout_max_batches,
+                    precision=run_precision(run, bf16), progress=progress)
     finally:
         if run.lock is not None:
             run.lock.close()
 
 
+def run_precision(run: Run, requested: bool) -> Precision:
+    """fp32 or bf16 for this run (precision.choose: --bf16 obeyed, the recipe's bf16 only where
+    it measured faster); under torchrun every rank takes rank 0's decision. The warning, if any,
+    is printed here, once."""
+    auto = RECIPES[run.options.recipe].get("bf16", False)
+    prec = choose(run.device, run.options, requested, auto)
+    if run.world_size > 1:
+        import torch.distributed as dist
+        flag = torch.tensor([float(prec.bf16)])
+        collective(run.rank, lambda: dist.broadcast(flag, 0))
+        if bool(flag.item()) != prec.bf16:
+            prec = Precision(bool(flag.item()), "rank 0's choice")
+    if prec.warning and run.is_main:
+        print(f"warning: {prec.warning}", file=sys.stderr)
+    return prec
+
+
 def loop(run: Run, counted: bool, *, heldout_files, max_tokens, max_time, log_every: int,
          eval_every: int, checkpoint_every: int, heldout_batch_size: int, heldout_max_batches,
-         bf16: bool, progress: bool) -> dict:
-    """The training loop of `train`, from the run's current step to its stop."""
+         precision: Precision, progress: Optional[bool]) -> dict:
+    """The training loop of `train`, from the run's current step to its stop, in `precision`."""
     device, rank, world_size, save_dir, vocab = (run.device, run.rank, run.world_size,
                                                  run.save_dir, run.vocab)
     bar = None
     log = lambda msg: (bar.write if bar is not None else print)(msg)  # noqa: E731 (rank 0 only)
     lm, o, params, dist_on = run.lm, run.options, run.params, world_size > 1
-    # the fast recipe's bf16 only where bf16 is native (else emulated, far slower than fp32);
-    # an explicit --bf16 is obeyed, with a warning when it is emulated
-    native = bf16_native(device)
-    if bf16 and not native and run.is_main:
-        print(f"warning: --bf16 on {device}: this device has no native bf16 (no AVX512-BF16 or "
-              f"AMX on a CPU), so bf16 is emulated and slower than fp32", file=sys.stderr)
-    recipe_bf16 = RECIPES[o.recipe].get("bf16", False)
-    bf16 = bf16 or (recipe_bf16 and native)
     T, n_samples = o.unroll_steps, o.n_negative_samples_batch
     scheduled = RECIPES[o.recipe]["schedule"] != "constant"
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
+    autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision.bf16
+                else nullcontext)
     if heldout_files is not None and run.is_main:   # fail now, not after hours of training
         if heldout_stream(run, heldout_files, heldout_batch_size).next_batch() is None:
             raise ElmoError(f"--heldout: no complete batch of {heldout_batch_size} rows (fewer "
                             f"sentences than --heldout-batch-size?)")
     if run.is_main:
-        from tqdm import tqdm
         planned = "until a limit" if run.total_steps == sys.maxsize else f"{run.total_steps:,} updates"
         print(f"training {sum(p.numel() for p in lm.bilm.parameters()):,} biLM parameters + "
               f"softmax {len(vocab):,} x {o.lstm.projection_dim}; {run.n_train_tokens:,} "
               f"tokens/epoch, {run.per_epoch:,} updates/epoch x {run.epochs:g} epochs = {planned}; "
               f"batch {o.batch_size} x unroll {T} x {world_size} process(es); device {device}"
-              + ("; bf16 autocast" if bf16 else "; fp32")
-              + (" (bf16 is not native here)" if recipe_bf16 and not bf16 else "")
+              + f"; {precision.reason}"
               + (f"; resumed at step {run.step:,}" if run.resumed else ""), flush=True)
-        bar = tqdm(total=None if run.total_steps == sys.maxsize else run.total_steps,
-                   initial=run.step, unit="batch", disable=not progress, dynamic_ncols=True,
-                   file=sys.stderr, smoothing=0.05)
+        # off a terminal, the step lines every log_every batches are the progress (no bar)
+        bar = progress_bar(None if run.total_steps == sys.maxsize else run.total_steps,
+                           initial=run.step, unit="batch", enabled=progress, every=None,
+                           interval=None, dynamic_ncols=True, smoothing=0.05)
+        log(coverage_line(run, counted))
     record: dict = {}
     sigint = SigintFlag(run.is_main or dist_on, dist_on)
     it = iter(run.stream)

@@ -8,7 +8,7 @@ import sys
 
 from ..config import ElmoError
 from ..device import resolve_device
-from .common import argv_from_args, at_least, warnings_as_lines
+from .common import add_progress_flags, argv_from_args, at_least, warnings_as_lines
 
 
 def add_embed_flags(p: argparse.ArgumentParser) -> None:
@@ -48,7 +48,7 @@ def add_embed_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--forget-sentences", action="store_true",
                    help="do not write sentence_to_index")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    p.add_argument("--no-progress", action="store_true")
+    add_progress_flags(p)
 
 
 def cmd_embed(args) -> int:
@@ -97,7 +97,7 @@ def cmd_embed(args) -> int:
               use_sentence_keys=getattr(args, "use_sentence_keys", False), dtype=args.dtype,
               max_tokens=None if args.max_tokens == 0 else args.max_tokens,
               warn=lambda msg: print(f"elmo embed: warning: {msg}", file=sys.stderr),
-              progress=False if args.no_progress else None)
+              progress=getattr(args, "progress", None))
     with warnings_as_lines("embed"):
         if world_size > 1:
             n = embed_file_distributed(embedder, args.input, args.output, rank, world_size, **kw)

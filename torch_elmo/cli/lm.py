@@ -9,7 +9,7 @@ from typing import Optional
 
 from ..config import PRESETS, RECIPES, ElmoError, Options, preset, read_options, with_recipe
 from ..device import resolve_device
-from .common import argv_from_args, at_least, warnings_as_lines
+from .common import add_progress_flags, argv_from_args, at_least, bilm_tf, warnings_as_lines
 
 
 def add_vocab_flags(p: argparse.ArgumentParser) -> None:
@@ -23,20 +23,21 @@ def add_vocab_flags(p: argparse.ArgumentParser) -> None:
 
 
 def add_train_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--train", required=True, help="glob of training files, one sentence per line")
-    p.add_argument("--vocab", required=True)
-    p.add_argument("--save-dir", required=True)
+    p.add_argument("--train", bilm_tf("--train_prefix"), required=True,
+                   help="glob of training files, one sentence per line")
+    p.add_argument("--vocab", bilm_tf("--vocab_file"), required=True)
+    p.add_argument("--save-dir", bilm_tf("--save_dir"), required=True)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--preset", choices=list(PRESETS), default=None)
     g.add_argument("--options", default=None, help="options.json (bilm-tf form)")
     p.add_argument("--heldout", default=None, help="glob of held-out files for perplexity")
-    p.add_argument("--epochs", type=float, default=None,
+    p.add_argument("--epochs", bilm_tf("--n_epochs"), type=float, default=None,
                    help="passes over the data, may be fractional (default: the options' n_epochs)")
     p.add_argument("--max-tokens", type=int, default=None,
                    help="stop after this many training tokens (whole run, resumes included)")
     p.add_argument("--max-time", type=float, default=None,
                    help="stop after this many seconds (whole run, resumes included)")
-    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--batch-size", bilm_tf("--batch_size"), type=int, default=None)
     p.add_argument("--unroll-steps", type=int, default=None)
     p.add_argument("--n-negative-samples", type=int, default=None)
     p.add_argument("--recipe", choices=list(RECIPES), default=None,
@@ -60,9 +61,9 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
                    help="cap on held-out batches per evaluation (default: all)")
     p.add_argument("--heldout-batch-size", type=int, default=256,
                    help="batch size of held-out evaluations (unroll 1, as `elmo test`)")
-    p.add_argument("--n-train-tokens", type=int, default=None,
+    p.add_argument("--n-train-tokens", bilm_tf("--n_train_tokens"), type=int, default=None,
                    help="tokens per epoch (default: counted from --train, or the options' value)")
-    p.add_argument("--nproc", type=int, default=None,
+    p.add_argument("--nproc", bilm_tf("--n_gpus"), type=int, default=None,
                    help="processes on this machine: runs `torchrun --standalone --nproc_per_node "
                         "N -m torch_elmo train ...` (batch size is per process)")
     p.add_argument("--dist-timeout", type=float, default=600.0,
@@ -71,21 +72,26 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
                         "evaluation, which the other ranks wait for)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (CPU or GPU)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    p.add_argument("--no-progress", action="store_true")
+    add_progress_flags(p)
 
 
 def add_test_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--test", required=True, help="glob of held-out files")
-    p.add_argument("--vocab", required=True)
-    p.add_argument("--save-dir", required=True)
-    p.add_argument("--batch-size", type=int, default=256, help="rows per batch (unroll is 1)")
+    p.add_argument("--test", bilm_tf("--test_prefix"), required=True, help="glob of held-out files")
+    p.add_argument("--vocab", bilm_tf("--vocab_file"), required=True)
+    p.add_argument("--save-dir", bilm_tf("--save_dir"), required=True)
+    p.add_argument("--batch-size", bilm_tf("--batch_size"), type=int, default=256,
+                   help="rows per batch (unroll is 1)")
     p.add_argument("--max-batches", type=int, default=None, help="stop after this many batches")
     p.add_argument("--device", default=None, help="cpu, cuda (default: cuda if available)")
 
 
 def add_export_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--save-dir", required=True, help="training run directory")
-    p.add_argument("--out", required=True, help="directory for options.json + weights.hdf5")
+    p.add_argument("--save-dir", bilm_tf("--save_dir"), required=True,
+                   help="training run directory")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--out", help="directory for options.json + weights.hdf5")
+    # bilm-tf's dump_weights.py: the weight file's path; options.json is written beside it
+    g.add_argument(bilm_tf("--outfile"), default=None, help=argparse.SUPPRESS)
     p.add_argument("--safetensors", action="store_true",
                    help="also write weights.safetensors (the same arrays; needs safetensors)")
 
@@ -214,6 +220,10 @@ def cmd_train(args) -> int:
             src = ck.resolve_init_from(args.init_from)[0]
             base = Options(lstm=src.lstm, char_cnn=src.char_cnn, bidirectional=src.bidirectional)
         options = options_from_args(args, base)
+        if base is None and not (args.options or args.preset) and rank == 0:
+            print("note: no --preset or --options: training the `small` architecture (2 x LSTM "
+                  "1024 / projection 128, one highway); bilm-tf's train_elmo.py trains "
+                  "`--preset original`", file=sys.stderr, flush=True)
         if (not args.resume and os.path.exists(os.path.join(args.save_dir, ck.CHECKPOINT))
                 and args.init_from is None):
             raise ElmoError(f"{args.save_dir} already holds a checkpoint: add --resume to continue "
@@ -226,7 +236,8 @@ def cmd_train(args) -> int:
                         eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
                         heldout_batch_size=getattr(args, "heldout_batch_size", 256),
                         heldout_max_batches=args.heldout_max_batches, device=device,
-                        bf16=args.bf16, progress=not args.no_progress, vocab_path=args.vocab,
+                        bf16=args.bf16, progress=getattr(args, "progress", None),
+                        vocab_path=args.vocab,
                         rank=rank, world_size=world_size)
         except KeyboardInterrupt:
             if world_size > 1:   # all ranks stopped at the same step: the group is healthy
@@ -269,11 +280,21 @@ def cmd_test(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from ..checkpoint import export_run
+    from ..checkpoint import OPTIONS, export_run
     from ..outputs import check_output
-    check_output(args.out, "--out", directory=True)
-    options_file, weight_file = export_run(args.save_dir, args.out,
-                                           safetensors=getattr(args, "safetensors", False))
+    outfile = getattr(args, "outfile", None)
+    if outfile is not None:   # bilm-tf's --outfile FILE: the weights there, options.json beside
+        check_output(outfile, "--outfile")
+        out_dir, weight_name = os.path.split(os.path.abspath(outfile))
+        if os.path.exists(os.path.join(args.save_dir, OPTIONS)) and \
+                os.path.samefile(out_dir, args.save_dir):
+            raise ElmoError(f"--outfile {outfile}: options.json beside it would replace the "
+                            f"run's training options in {args.save_dir}; write it elsewhere")
+    else:
+        out_dir, weight_name = check_output(args.out, "--out", directory=True), "weights.hdf5"
+    options_file, weight_file = export_run(args.save_dir, out_dir,
+                                           safetensors=getattr(args, "safetensors", False),
+                                           weight_name=weight_name)
     print(f"wrote {options_file} and {weight_file}")
     return 0
 

@@ -9,8 +9,8 @@ else text. Output (`--format`): `jsonl` (a tagger: the dict Tagger.predict retur
 `{"text", "label", "probabilities": {label: p}}`, label and probabilities null for an empty
 text), `conll` (a tagger: `token TAG` lines, a blank line after each text) or `tsv` (the tokens
 joined by spaces, a tab, the label; a tagger: the tags joined by spaces). The output file is
-written atomically (`-`: stdout) and is never the input; the progress bar (bytes of input, with
-an ETA) shows on a terminal, or with --progress.
+written atomically (`-`: stdout) and is never the input; progress (bytes of input, with an
+ETA) follows progress.py's policy: a bar on a terminal, a line now and then in a log.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from ..config import ElmoError
-from .common import at_least, warnings_as_lines
+from .common import add_progress_flags, at_least, warnings_as_lines
 
 FORMATS = ("jsonl", "conll", "tsv")
 INPUT_FORMATS = ("auto", "text", "conll")
@@ -43,8 +43,7 @@ def add_predict_flags(p: argparse.ArgumentParser) -> None:
                         "columns ending in an NER tag, else text")
     p.add_argument("--batch-size", type=int, default=32, help="texts per batch (default 32)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    p.add_argument("--progress", action="store_true",
-                   help="show the progress bar even when stderr is not a terminal")
+    add_progress_flags(p)
 
 
 @contextmanager
@@ -114,12 +113,11 @@ def classifier_lines(texts: list, labels: list, proba, classes: list, fmt: str) 
 
 
 def cmd_predict(args) -> int:
-    from tqdm import tqdm
-
     from ..device import resolve_device
     from ..outputs import check_output
     from ..tasks.load import load_task
     from ..tasks.ner import looks_like_conll
+    from ..progress import progress_bar
     from ..tasks.predictor import CHUNK_BATCHES
     at_least("--batch-size", args.batch_size, 1)
     if not os.path.isfile(args.input):
@@ -142,11 +140,9 @@ def cmd_predict(args) -> int:
                 raise ElmoError(f"--format conll writes a tagger's tags; {args.model} is a text "
                                 f"classifier: use --format jsonl or tsv")
         size = os.path.getsize(args.input)
-        show = args.progress or sys.stderr.isatty()
         n = 0
         with open_output(args.output) as out, \
-                tqdm(total=size, unit="B", unit_scale=True, desc="predict", disable=not show,
-                     leave=False) as bar:
+                progress_bar(size, desc="predict", unit="B", unit_scale=True, leave=False) as bar:
             for chunk in chunked(records(args.input, input_format),
                                  args.batch_size * CHUNK_BATCHES):
                 texts = [t for t, _ in chunk]

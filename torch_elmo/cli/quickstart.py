@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import at_least
+from .common import add_progress_flags, at_least
 
 
 def add_quickstart_flags(p: argparse.ArgumentParser) -> None:
@@ -11,14 +11,14 @@ def add_quickstart_flags(p: argparse.ArgumentParser) -> None:
                    help="where the corpus files, the run and the exported model go")
     p.add_argument("--minutes", type=float, default=5.0, help="training budget (default 5)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_progress_flags(p)
 
 
 def cmd_quickstart(args) -> int:
     from .. import quickstart
     at_least("--minutes", args.minutes, 0.1)
     return quickstart.run_quickstart(args.work_dir, args.minutes, args.seed,
-                                     progress=not args.no_progress)
+                                     progress=getattr(args, "progress", None))
 
 
 COMMANDS = {

@@ -6,7 +6,7 @@ import os
 
 from ..config import ElmoError
 from ..device import resolve_device
-from .common import at_least, warnings_as_lines
+from .common import add_progress_flags, at_least, warnings_as_lines
 
 
 def add_classify_flags(p: argparse.ArgumentParser) -> None:
@@ -49,6 +49,7 @@ def add_classify_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="sentences per biLM batch")
     p.add_argument("--device", default=None, help="cpu (default), cuda")
     p.add_argument("--seed", type=int, default=0)
+    add_progress_flags(p)
 
 
 def add_ner_flags(p: argparse.ArgumentParser) -> None:
@@ -72,6 +73,7 @@ def add_ner_flags(p: argparse.ArgumentParser) -> None:
                         "torch_elmo.load_task(DIR)")
     p.add_argument("--device", default=None, help="cpu (default), cuda")
     p.add_argument("--seed", type=int, default=0)
+    add_progress_flags(p)
 
 
 def check_save(args, inputs: list) -> None:

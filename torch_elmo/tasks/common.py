@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 from collections import Counter
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
-from tqdm import tqdm
 
 from ..config import ElmoError
 from ..embed import ElmoEmbedder, length_sorted_batches
+from ..progress import progress_bar
 from ..textio import read_lines
 
 
@@ -51,11 +50,11 @@ def embed_layers(embedder: ElmoEmbedder, sentences: Sequence[Sequence[str]], bat
                  dtype=np.float32, progress: Optional[str] = None) -> list[np.ndarray]:
     """(3, n, 2P) layers per sentence, batch-independent (the embedder's warm/zero state, or a
     carry-state embedder reset to zero before every batch). Sentences are batched in length
-    order (`length_sorted_batches`); results come back in input order. `progress`: a tqdm
-    label (shown on a terminal only)."""
+    order (`length_sorted_batches`); results come back in input order. `progress`: the label
+    of the progress (progress.py: a bar on a terminal, periodic lines off it); None: none."""
     out: list = [None] * len(sentences)
-    with tqdm(total=len(sentences), desc=progress, unit="sent", leave=False,
-              disable=not progress or not sys.stderr.isatty()) as bar:
+    with progress_bar(len(sentences), desc=progress, unit="sent",
+                      enabled=False if not progress else None, leave=False) as bar:
         for idx in length_sorted_batches([len(s) for s in sentences], batch_size):
             if embedder.state == "carry":
                 embedder.states.reset()  # deterministic: every batch starts from the zero state
