@@ -209,7 +209,7 @@ class TaskComponent(BatchedComponent):
 
     def __init__(self, nlp: Language, name: str, model: str, tokens: str = "spacy",
                  batch_size: int = BATCH_SIZE, device: Optional[str] = None):
-        from .tasks import load_task
+        from .tasks import load_task   # here: spacy.blank() imports this module (entry points)
         super().__init__(nlp, name)
         self.tokens = check_tokens_mode(tokens, name)
         self.model = model
@@ -226,7 +226,8 @@ class EntityTagger(TaskComponent):
 
     @property
     def labels(self) -> tuple[str, ...]:
-        return tuple(self.task.labels)
+        """The entity types (as spaCy's `ner` labels), from the tagger's BIO tags."""
+        return tuple(sorted({tag[2:] for tag in self.task.labels if tag != "O"}))
 
     def annotate(self, docs: list[Doc]) -> None:
         words = [doc_words(doc, self.tokens) for doc in docs]
