@@ -238,6 +238,20 @@ def test_to_disk_and_spacy_load_round_trip(models, tmp_path):
         np.testing.assert_allclose(a.tensor, b.tensor, atol=1e-6)
 
 
+def test_a_relative_model_path_is_the_current_directorys(models, tmp_path, monkeypatch):
+    root = os.path.dirname(models[1])
+    monkeypatch.chdir(root)
+    nlp = spacy.blank("en")
+    nlp.add_pipe("torch_elmo_ner", config={"model": "ner"})
+    nlp.to_disk(tmp_path / "pipeline")
+    assert ents_of(spacy.load(tmp_path / "pipeline")(TEXTS[0])) == ents_of(nlp(TEXTS[0]))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ElmoError, match="relative path is resolved against the current "
+                                        "directory") as err:
+        spacy.load(tmp_path / "pipeline")
+    assert "\n" not in str(err.value)
+
+
 def test_misaligned_entity_is_left_out_with_a_warning(models):
     nlp = spacy.blank("en")
     ner = nlp.add_pipe("torch_elmo_ner", config={"model": models[1], "tokens": "whitespace"})

@@ -98,6 +98,13 @@ def doc_words(doc: Doc, tokens: str = "spacy") -> tuple[list[str], list[tuple[in
     return [doc.text[s:e] for s, e in spans], spans
 
 
+def missing_path_note(model: str) -> str:
+    """Said after a model that did not load: where a relative path was looked for."""
+    if os.path.isabs(model) or os.path.exists(model):
+        return ""
+    return f" (a relative path is resolved against the current directory, {os.getcwd()})"
+
+
 class BatchedComponent(Pipe):
     """A component that annotates a list of docs with one model run: `annotate(docs)`.
     `nlp(text)` annotates one doc; `nlp.pipe` hands over `batch_size` docs at a time. A failing
@@ -168,7 +175,10 @@ class ElmoVectors(BatchedComponent):
                  device: Optional[str] = None):
         super().__init__(nlp, name)
         self.model = model
-        self.elmo = load(model, state=state, device=device)
+        try:
+            self.elmo = load(model, state=state, device=device)
+        except ElmoError as e:
+            raise ElmoError(f"{e}{missing_path_note(model)}") from None
         self.embedder = self.elmo.embedder
         self.picks = select_layers(layers, self.elmo.bilm.n_layers + 1, name)
         self.width = self.elmo.output_dim * (1 if self.picks is None else len(self.picks))
@@ -213,7 +223,10 @@ class TaskComponent(BatchedComponent):
         super().__init__(nlp, name)
         self.tokens = check_tokens_mode(tokens, name)
         self.model = model
-        self.task = load_task(model, device=device)
+        try:
+            self.task = load_task(model, device=device)
+        except ElmoError as e:
+            raise ElmoError(f"{e}{missing_path_note(model)}") from None
         if self.task.kind != self.kind:
             raise ElmoError(f"{model}: a saved {self.task.kind!r} model, but {name} needs a "
                             f"{self.kind!r} one (use {self.factory[self.task.kind]})")
