@@ -97,6 +97,18 @@ print(classifier.predict(["a gripping , funny film"]), classifier.classes_)
 print(classifier.predict_proba(["a gripping , funny film", "dull"]))   # (2, n_labels) numpy
 '''
 
+USE_SPACY = '''\
+import spacy
+
+nlp = spacy.blank("en")
+nlp.add_pipe("torch_elmo", config={"model": "model/", "layers": "average"})   # doc.tensor
+nlp.add_pipe("torch_elmo_ner", config={"model": "ner-model/"})                # doc.ents
+doc = nlp("John Smith flew to Paris on Monday.")
+print([(e.text, e.label_) for e in doc.ents], doc[0].vector.shape)
+docs = list(nlp.pipe(["A first text.", "A second one."], batch_size=64))      # batched
+nlp.to_disk("ner-pipeline")                     # spacy.load("ner-pipeline") rebuilds it
+'''
+
 SERVE = '''\
 elmo serve --model small --task ner=ner-model/ --port 8080
 '''
@@ -254,6 +266,14 @@ def test_use_your_trained_model_snippets(tiny_dir, tmp_path, capsys):
     assert printed[0].startswith("[")                        # the entities of the first text
     assert printed[1].startswith("[") and "neg" in printed[1] and "pos" in printed[1]
     assert len(printed) == 4                                 # label + classes, then 2 rows
+
+    # spaCy, in a fresh process (the components come from the entry points, not an import)
+    assert USE_SPACY in readme
+    proc = subprocess.run([sys.executable, "-c", _replaced(USE_SPACY, {'"model/"': repr(str(tiny_dir))})],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().endswith("(32,)")             # token vectors of the tiny model
+    assert (tmp_path / "ner-pipeline" / "config.cfg").is_file()
 def test_serve_snippets_run_against_the_readme_command(tiny_dir, tmp_path):
     for module in ("fastapi", "uvicorn", "httpx", "openai", "skops"):
         pytest.importorskip(module)

@@ -41,7 +41,7 @@ def add_predict_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-format", choices=INPUT_FORMATS, default="auto",
                    help="auto (default): CoNLL when the file starts with -DOCSTART- or with "
                         "columns ending in an NER tag, else text")
-    p.add_argument("--batch-size", type=int, default=32, help="texts per batch (default 32)")
+    p.add_argument("--batch-size", type=int, default=64, help="texts per ELMo batch (default 64, as the training commands embed)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     add_progress_flags(p)
 

@@ -506,14 +506,14 @@ class TextClassifier(TaskPredictor):
     def classes_(self) -> list[str]:
         return self.labels
 
-    def predict(self, texts, batch_size: int = 32, show_progress_bar: bool = False):
+    def predict(self, texts, batch_size: int = 64, show_progress_bar: bool = False):
         """The label of each text, in input order (one string gives one label). A text is a
         string (split on whitespace) or a list of tokens. An empty text has no label: None
         (its predict_proba row is NaN), rather than a guess made from no words at all.
         Batched in length order, deterministic; as the model predicted in training."""
         return self.scores(texts, batch_size, show_progress_bar, "predict")[0]
 
-    def predict_proba(self, texts, batch_size: int = 32, show_progress_bar: bool = False
+    def predict_proba(self, texts, batch_size: int = 64, show_progress_bar: bool = False
                       ) -> np.ndarray:
         """(n, len(classes_)) float64 probabilities, columns in `classes_` order (one string
         gives one row); a row of NaN for an empty text. logreg / mlp: scikit-learn's

@@ -440,7 +440,7 @@ class Tagger(TaskPredictor):
         self.model = model
         self.vocab = vocab
 
-    def predict(self, texts, batch_size: int = 32, show_progress_bar: bool = False):
+    def predict(self, texts, batch_size: int = 64, show_progress_bar: bool = False):
         """Per text `{"tokens": [...], "tags": [BIO tags], "entities": [{"text", "label",
         "start", "end", "start_char", "end_char"}]}`, in input order. A text is a string (split
         on whitespace; character offsets into that string) or a list of tokens (character
