@@ -78,6 +78,15 @@ def start_server(model: str, port: int, flags: list[str], log) -> subprocess.Pop
     raise SystemExit(f"the server did not come up (exit {proc.poll()}); see {log.name}")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc; nan elsewhere)."""
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")   # utime, stime
+
+
 def batch_sizes(url: str) -> tuple[float, float]:
     """(sum, count) of elmo_batch_size in /metrics."""
     import httpx
@@ -121,36 +130,50 @@ async def closed_loop(url: str, requests: list[list[str]], concurrency: int,
             "p50": q[49], "p95": q[94], "p99": q[98], "failures": failures}
 
 
-def run_levels(url: str, levels: list[int], requests: list[list[str]], args) -> dict:
+def run_levels(url: str, levels: list[int], requests: list[list[str]], args,
+               server_pid: int) -> dict:
+    """Each level's closed loop; besides the HTTP figures, the CPU seconds the server process
+    and this load generator spent (they share the cores: the client's share is CPU the
+    offline ceiling has and the server has not)."""
     out = {}
     asyncio.run(closed_loop(url, requests[:8], 4, 30))                  # connections, caches
     for c in levels:
         n = max(args.requests, 4 * c)
         s0, n0 = batch_sizes(url)
+        srv0, cli0 = cpu_seconds(server_pid), time.process_time()
         res = asyncio.run(closed_loop(url, requests[:n], c, args.time_limit))
+        srv1, cli1 = cpu_seconds(server_pid), time.process_time()
         s1, n1 = batch_sizes(url)
         res["batch"] = (s1 - s0) / max(n1 - n0, 1)
+        res["server_cpu"], res["client_cpu"] = srv1 - srv0, cli1 - cli0
         out[c] = res
         print(f"  c={c:<4d} {res['requests']:5d} req  {res['rps']:8.1f} req/s  "
               f"{res['tps']:9.0f} tok/s  p50 {1e3 * res['p50']:7.1f}  p95 {1e3 * res['p95']:7.1f}  "
               f"p99 {1e3 * res['p99']:7.1f} ms  mean batch {res['batch']:5.2f} texts  "
-              f"failed {sum(res['failures'].values())} {res['failures'] or ''}", flush=True)
+              f"failed {sum(res['failures'].values())} {res['failures'] or ''}  "
+              f"CPU s: server {res['server_cpu']:.1f}, client {res['client_cpu']:.1f}",
+              flush=True)
     return out
 
 
-def offline_ceiling(elmo, pool: list[str], requests: list[list[str]]) -> tuple[float, float]:
-    """(tokens/s of encode over `pool`, median seconds of encode of one request's sentences)."""
-    t0 = time.perf_counter()
+def offline_ceiling(elmo, pool: list[str], requests: list[list[str]]
+                    ) -> tuple[float, float, float]:
+    """(tokens/s of encode over `pool`, median seconds of encode of one request's sentences,
+    tokens per CPU second of that encode)."""
+    t0, c0 = time.perf_counter(), time.process_time()
     elmo.encode(pool, batch_size=32)
-    offline = sum(len(t.split()) for t in pool) / (time.perf_counter() - t0)
+    n_tokens = sum(len(t.split()) for t in pool)
+    offline = n_tokens / (time.perf_counter() - t0)
+    per_cpu = n_tokens / (time.process_time() - c0)
     bare = []
     for texts in requests:                          # one forward per request, as served
         t0 = time.perf_counter()
         elmo.encode(texts, batch_size=32)
         bare.append(time.perf_counter() - t0)
     print(f"offline encode: {offline:.0f} tok/s over {len(pool)} sentences; bare forward of one "
-          f"request p50 {1e3 * statistics.median(bare):.1f} ms", flush=True)
-    return offline, statistics.median(bare)
+          f"request p50 {1e3 * statistics.median(bare):.1f} ms; {per_cpu:.0f} tokens per CPU "
+          f"second", flush=True)
+    return offline, statistics.median(bare), per_cpu
 
 
 def main(argv=None) -> int:
@@ -195,16 +218,25 @@ def main(argv=None) -> int:
                 proc = start_server(model, port, flags, log)
                 print(f"server, {name}:", flush=True)
                 try:
-                    results[name] = run_levels(f"http://127.0.0.1:{port}", levels, requests, args)
+                    results[name] = run_levels(f"http://127.0.0.1:{port}", levels, requests, args,
+                                               proc.pid)
                 finally:
                     proc.send_signal(signal.SIGTERM)
                     proc.wait(120)
         after = offline_ceiling(elmo, pool, requests[:60])
         offline, bare_p50 = (before[0] + after[0]) / 2, (before[1] + after[1]) / 2
+        offline_per_cpu = (before[2] + after[2]) / 2
         on, off = results.values()
         if 32 in levels:
             print(f"c=32 tokens/s: {on[32]['tps'] / offline:.2f} x offline (target >= 0.80), "
                   f"{on[32]['tps'] / off[32]['tps']:.2f} x batching off (target >= 3)")
+            r = on[32]
+            wall = r["requests"] / r["rps"]
+            print(f"c=32 per CPU second: the server {r['tps'] * wall / r['server_cpu']:.0f} "
+                  f"tokens ({r['tps'] * wall / r['server_cpu'] / offline_per_cpu:.2f} x offline's "
+                  f"{offline_per_cpu:.0f}); the load generator used {r['client_cpu']:.1f} of the "
+                  f"{os.cpu_count() * wall:.1f} CPU seconds of the level "
+                  f"({r['client_cpu'] / wall:.2f} cores)")
         if 1 in levels:
             print(f"c=1 p50 {1e3 * on[1]['p50']:.1f} ms vs 1.2 x bare forward + 2 ms = "
                   f"{1e3 * (1.2 * bare_p50 + 0.002):.1f} ms "
