@@ -184,6 +184,8 @@ def main(argv=None) -> int:
     p.add_argument("--concurrency", default="1,8,32,128")
     p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "gutenberg-nltk"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--server-flags", default="",
+                   help="more `elmo serve` flags for both servers, e.g. '--threads 1'")
     args = p.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # server and clients share the cores
@@ -215,7 +217,7 @@ def main(argv=None) -> int:
                              ["--max-batch-tokens", str(off_tokens), "--max-wait-ms", "0"])):
             port = free_port()
             with open(os.path.join(d, "server.log"), "ab") as log:
-                proc = start_server(model, port, flags, log)
+                proc = start_server(model, port, flags + args.server_flags.split(), log)
                 print(f"server, {name}:", flush=True)
                 try:
                     results[name] = run_levels(f"http://127.0.0.1:{port}", levels, requests, args,
