@@ -5,9 +5,12 @@ queue and awaits it; model code runs on the worker thread alone, so the loop kee
 /health, /metrics and 4xx while a batch runs. The worker:
 
 1. waits for a job; then, while other admitted requests are still on their way (`others()`
-   counts the server's admitted requests), waits for company until the queued jobs fill
-   `max_batch_tokens` or `max_wait` has passed since the oldest job came (or since the worker
-   became free, when that was later). A lone request on a quiet server runs at once.
+   counts the server's admitted requests; for `max_wait` after a batch ends, the requests that
+   were admitted when it ended count too: closed-loop clients just answered send again, and
+   one batch of many texts costs much less per token than two of half as many), waits for
+   company until the queued jobs fill `max_batch_tokens` or `max_wait` has passed since the
+   oldest job came (or since the worker became free, when that was later). A lone request on a
+   quiet server runs at once.
 2. takes queued jobs in arrival order (FIFO) while they fit in `max_batch_tokens` (at least one),
 3. runs their texts in length-sorted batches of at most `max_batch_tokens` padded tokens
    (embed.length_sorted_batches) through `run_batch`, and hands each job its results in its
@@ -93,6 +96,7 @@ class Batcher:
         self.warmup_error: Optional[str] = None
         self.stopping = False
         self.free_since = 0.0
+        self.expect = 0
         self.thread: Optional[threading.Thread] = None
 
     # ------------------------------------------------------------------- event-loop side
@@ -153,6 +157,7 @@ class Batcher:
                 return
             self.run_jobs(jobs)
             self.free_since = time.monotonic()
+            self.expect = self.others()                 # admitted requests, these included
 
     def wait_and_take(self) -> Optional[list[Job]]:
         """(Holding the lock.) The next jobs to run, or None once stopping."""
@@ -167,9 +172,13 @@ class Batcher:
         while not self.stopping:
             if sum(j.tokens for j in self.queue) >= self.max_batch_tokens:
                 break                                   # a full batch is here
-            if self.others() <= len(self.queue):
+            # the requests admitted when the last batch ended count as on their way for
+            # max_wait after it (step 1 of the module doc)
+            now, window = time.monotonic(), self.free_since + self.max_wait
+            expect = self.expect if now < window else 0
+            if max(self.others(), expect) <= len(self.queue):
                 break                                   # nobody else is on the way
-            left = deadline - time.monotonic()
+            left = (min(deadline, window) if expect else deadline) - now
             if left <= 0:
                 break
             self.cond.wait(left)

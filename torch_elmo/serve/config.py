@@ -17,7 +17,8 @@ class ServeConfig:
 
     max_batch_tokens: a batch's padded size (rows x longest text), what one forward costs.
     max_wait_ms: how long the worker waits for company once a request is queued (only while
-        other admitted requests are still on their way: a lone request runs at once).
+        other admitted requests are still on their way, those answered by the last batch
+        counted for max_wait after it: a lone request runs at once).
     max_concurrent_requests: admitted requests at once (queued, running or being answered);
         one more gets 429.
     max_request_tokens: whitespace tokens in one request; more gets 413.
@@ -28,7 +29,7 @@ class ServeConfig:
     dtype: bfloat16 runs the biLM under autocast (worth it only where bf16 is native).
     model_name: the name /v1/embeddings answers with (default: the model's directory name)."""
     max_batch_tokens: int = 4096
-    max_wait_ms: float = 5.0
+    max_wait_ms: float = 50.0
     max_concurrent_requests: int = 256
     max_request_tokens: int = 16384
     max_body_bytes: int = 16 * 1024 * 1024
