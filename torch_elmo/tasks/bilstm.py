@@ -32,7 +32,7 @@ import torch.nn as nn
 from ..embed import ElmoEmbedder, length_sorted_batches
 from ..modules import ScalarMix
 from . import saved
-from .common import N_CASING, WordVocab, casing, classification_scores, embed_layers
+from .common import N_CASING, WordVocab, classification_scores, embed_layers
 
 
 class BiLSTMClassifier(nn.Module):
@@ -178,8 +178,9 @@ def train_bilstm_classifier(train: Sequence, test: Sequence, dev: Optional[Seque
     label_set = sorted({e.label for e in train})
     label_index = {l: i for i, l in enumerate(label_set)}
     vocab = WordVocab(e.tokens for e in train)
-    words = {name: [vocab.ids(e.tokens) for e in exs] for name, exs in splits.items()}
-    cases = {name: [[casing(w) for w in e.tokens] for e in exs] for name, exs in splits.items()}
+    inputs = {name: vocab.inputs(e.tokens for e in exs) for name, exs in splits.items()}
+    words = {name: w for name, (w, _) in inputs.items()}
+    cases = {name: c for name, (_, c) in inputs.items()}
     y_train = [label_index[e.label] for e in train]
     # a dev label unseen in training can never be predicted; it only counts in the scores
     y_dev = [label_index.get(e.label, -100) for e in dev] if dev is not None else None
@@ -257,8 +258,7 @@ def bilstm_predict(model: BiLSTMClassifier, vocab: WordVocab, tokens: list[list[
                    elmo: Optional[list], device, batch_size: int) -> tuple[list[int], np.ndarray]:
     """Per (non-empty) token list the arg-max label id and the softmax probabilities
     (n, n_labels) float64, in input order."""
-    words = [vocab.ids(s) for s in tokens]
-    cases = [[casing(w) for w in s] for s in tokens]
+    words, cases = vocab.inputs(tokens)
     pred = [0] * len(tokens)
     proba = np.zeros((len(tokens), model.out.out_features))
     for idx, logits in batched_logits(model, words, cases, elmo, device, batch_size):

@@ -118,6 +118,11 @@ class WordVocab:
     def ids(self, sentence: Sequence[str]) -> list[int]:
         return [self.index.get(norm_word(w), 1) for w in sentence]
 
+    def inputs(self, sentences: Iterable[Sequence[str]]) -> tuple[list, list]:
+        """The BiLSTM models' word inputs of token lists: (word ids, casing classes) each."""
+        sentences = list(sentences)
+        return [self.ids(s) for s in sentences], [[casing(w) for w in s] for s in sentences]
+
 
 # ------------------------------------------------------------------------ classification scores
 def classification_scores(y_true, y_pred, labels) -> dict:

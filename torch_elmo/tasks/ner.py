@@ -35,7 +35,7 @@ from ..embed import ElmoEmbedder, length_sorted_batches
 from ..outputs import atomic_text
 from ..modules import ScalarMix
 from . import saved
-from .common import (N_CASING, WordVocab, bad_line, casing, embed_layers, read_data_lines,
+from .common import (N_CASING, WordVocab, bad_line, embed_layers, read_data_lines,
                      subsample)
 from .predictor import TaskPredictor, maybe_layers, nonempty
 
@@ -269,9 +269,8 @@ def to_device(batch: dict, device) -> dict:
 
 def encode(sentences: Sequence[ConllSentence], vocab: WordVocab, tag_index: dict[str, int]):
     """(word ids, casing classes, tag ids) per sentence; a tag unseen in training counts as O."""
-    return ([vocab.ids(s.tokens) for s in sentences],
-            [[casing(w) for w in s.tokens] for s in sentences],
-            [[tag_index.get(t, tag_index["O"]) for t in s.tags] for s in sentences])
+    words, cases = vocab.inputs(s.tokens for s in sentences)
+    return words, cases, [[tag_index.get(t, tag_index["O"]) for t in s.tags] for s in sentences]
 
 
 def cache_elmo_layers(embedder: ElmoEmbedder, splits: dict[str, list[ConllSentence]],
@@ -458,8 +457,8 @@ class Tagger(TaskPredictor):
             if not idx:
                 continue
             tokens = [t.tokens[i] for i in idx]
-            words = [self.vocab.ids(s) for s in tokens]
-            data = (words, [[casing(w) for w in s] for s in tokens], [[0] * len(s) for s in words])
+            words, cases = self.vocab.inputs(tokens)
+            data = (words, cases, [[0] * len(s) for s in words])
             elmo = maybe_layers(self.embedder, tokens, batch_size, np.float16)
             for i, p in zip(idx, predict_tags(self.model, data, elmo, self.labels, self.device,
                                               batch_size)):
